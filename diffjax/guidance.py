@@ -1,0 +1,85 @@
+"""Classifier-free guidance and the x0 post-processing that samplers accept as ``denoised_fn``.
+
+Classifier-free guidance (Ho & Salimans 2021, "Classifier-Free Diffusion Guidance", eq. 6) extrapolates from
+the unconditional towards the conditional prediction,
+
+    ε̃(x_t, c) = ε(x_t, ∅) + w (ε(x_t, c) - ε(x_t, ∅)),
+
+with w = 1 the conditional model alone and w = 0 the unconditional one. Both branches are evaluated in one
+batched network call. The guidance scale is an ordinary (traced) argument: changing it does not recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# denoiser(x_t, t, cond) -> prediction; cond is any pytree whose leaves have a leading batch axis.
+Denoiser = Callable[[Array, Array, Any], Array]
+
+
+def _batch_concat(a, b):
+    return jax.tree_util.tree_map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
+
+
+def _check_batch(x_t: Array, tree, what: str) -> None:
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if jnp.ndim(leaf) == 0 or leaf.shape[0] != x_t.shape[0]:
+            raise ValueError(f"{what} leaves need a leading batch axis of size {x_t.shape[0]} (the batch of x_t), "
+                             f"got shape {jnp.shape(leaf)}")
+
+
+def cfg_combine(pred_uncond: Array, pred_cond: Array, guidance_scale, guidance_rescale=0.0) -> Array:
+    """uncond + w (cond - uncond), then optionally the guidance rescale of Lin et al. 2023 (§3.4, eqs. 15-16):
+
+        x_rescaled = x_cfg · std(x_cond) / std(x_cfg),    x_final = φ x_rescaled + (1 - φ) x_cfg,
+
+    with std over all non-batch axes and φ = ``guidance_rescale`` (0 disables it).
+    """
+    w = jnp.asarray(guidance_scale, jnp.float32)
+    guided = pred_uncond + w * (pred_cond - pred_uncond)
+    phi = jnp.asarray(guidance_rescale, jnp.float32)
+    axes = tuple(range(1, guided.ndim))
+    std_cond = jnp.std(pred_cond, axis=axes, keepdims=True)
+    std_cfg = jnp.std(guided, axis=axes, keepdims=True)
+    rescaled = guided * (std_cond / jnp.maximum(std_cfg, 1e-12))
+    return jnp.where(phi == 0.0, guided, phi * rescaled + (1.0 - phi) * guided)
+
+
+def classifier_free_guidance(denoiser: Denoiser, cond: Any, uncond: Any, guidance_scale,
+                             guidance_rescale=0.0) -> Callable[[Array, Array], Array]:
+    """Wrap ``denoiser(x_t, t, cond)`` into the ``model_fn(x_t, t)`` the samplers call, guided with scale w.
+
+    ``cond`` and ``uncond`` are pytrees of the same structure (e.g. text states and mask for the prompts and
+    for the empty prompt), batched like x_t. Each call evaluates the network once on the concatenated batch
+    [x_t; x_t] with [uncond; cond] and combines the halves with ``cfg_combine``.
+    """
+
+    def model_fn(x_t: Array, t: Array) -> Array:
+        _check_batch(x_t, cond, "cond")
+        _check_batch(x_t, uncond, "uncond")
+        b = x_t.shape[0]
+        out = denoiser(jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t, t], 0), _batch_concat(uncond, cond))
+        out = out.astype(jnp.float32)
+        return cfg_combine(out[:b], out[b:], guidance_scale, guidance_rescale)
+
+    return model_fn
+
+
+def clip_x0(x0: Array, clip_range: float = 1.0) -> Array:
+    """Clip the predicted x0 to [-r, r] (Ho et al. 2020's sampler clips to the data range [-1, 1])."""
+    return jnp.clip(x0, -clip_range, clip_range)
+
+
+def dynamic_threshold(x0: Array, percentile: float = 0.995, max_value: float = 1.0) -> Array:
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen", §2.3): per sample, s = max(1, quantile_p(|x0|)),
+    clipped to ``max_value``; then x0 ← clip(x0, -s, s) / s. It keeps saturated pixels from building up at
+    high guidance scales."""
+    b = x0.shape[0]
+    flat = jnp.abs(x0.reshape(b, -1)).astype(jnp.float32)
+    s = jnp.quantile(flat, percentile, axis=1)
+    s = jnp.clip(s, 1.0, max_value).reshape((b,) + (1,) * (x0.ndim - 1))
+    return (jnp.clip(x0, -s, s) / s).astype(x0.dtype)

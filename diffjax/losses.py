@@ -1,0 +1,119 @@
+"""The denoising training objective as a pure function of a key, a model function and a batch.
+
+For x0 from the data, t ~ U{0..T-1}, ε ~ N(0, I) and x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε, the loss is
+
+    L = E_t,ε [ w(t) ‖target - f(x_t, t, c)‖² ],
+
+where the target is ε, x0 or v = √ᾱ_t ε - √(1-ᾱ_t) x0 (``prediction_type``; Ho et al. 2020, eq. 14 is ε with
+w = 1) and w(t) one of the weightings below. The squared error is averaged over all non-batch axes.
+
+Weightings are defined on the ε scale and converted, using ‖ε - ε̂‖² = SNR ‖x0 - x̂0‖² and
+‖v - v̂‖² = (1 + SNR) ‖x0 - x̂0‖², so that a weighting means the same thing for every prediction type:
+- ``none``: w = 1 on the chosen target (the "simple" loss of each parameterisation);
+- ``min_snr``: Min-SNR-γ (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+  eq. 9): w_x0 = min(SNR, γ), i.e. w_ε = min(SNR, γ)/SNR and w_v = min(SNR, γ)/(SNR + 1);
+- ``p2``: perception-prioritised weighting (Choi et al. 2022, eq. 8): w_ε = 1 / (k + SNR)^γ.
+
+Classifier-free guidance needs a model that also knows the unconditional case: with probability
+``cond_drop_prob`` an example's conditioning is replaced by the unconditional one (Ho & Salimans 2021).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from diffjax import schedules as sch
+from diffjax.schedules import NoiseSchedule
+
+Array = jax.Array
+WEIGHTINGS = ("none", "min_snr", "p2")
+
+
+class LossOutput(NamedTuple):
+    loss: Array  # scalar: mean over the batch of w(t) · mse
+    mse: Array  # (B,) unweighted squared error per example
+    weights: Array  # (B,) w(t)
+    t: Array  # (B,) sampled timesteps
+
+
+def loss_weight(snr: Array, prediction_type: str = "eps", weighting: str = "none", *,
+                min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0) -> Array:
+    """w(t) for the loss on ``prediction_type`` given SNR(t) (see the module docstring for the formulas)."""
+    p = sch.canonical_prediction_type(prediction_type)
+    snr = jnp.asarray(snr, jnp.float32)
+    if weighting == "none":
+        return jnp.ones_like(snr)
+    if weighting == "min_snr":
+        g = jnp.asarray(min_snr_gamma, jnp.float32)
+        if p == "x0":
+            return jnp.minimum(snr, g)
+        if p == "v":
+            return jnp.minimum(snr, g) / (snr + 1.0)
+        # min(SNR, γ)/SNR = min(1, γ/SNR): finite at SNR = 0 (zero terminal SNR) and SNR = ∞.
+        return jnp.minimum(1.0, g / snr)
+    if weighting == "p2":
+        w_eps = 1.0 / (p2_k + snr) ** p2_gamma
+        if p == "eps":
+            return w_eps
+        if p == "x0":
+            return w_eps * snr
+        return w_eps * snr / (snr + 1.0)
+    raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+
+
+def drop_condition(rng: Array, cond: Any, uncond: Any, drop_prob) -> Any:
+    """Replace each example's conditioning by the unconditional one with probability ``drop_prob``.
+
+    ``cond`` is a pytree with a leading batch axis B on every leaf; ``uncond`` has the same structure with
+    batch size 1 or B (e.g. the encoding of the empty prompt).
+    """
+    leaves = jax.tree_util.tree_leaves(cond)
+    if not leaves:
+        return cond
+    b = leaves[0].shape[0]
+    drop = jax.random.uniform(rng, (b,)) < drop_prob
+
+    def pick(c, u):
+        mask = drop.reshape((b,) + (1,) * (c.ndim - 1))
+        return jnp.where(mask, jnp.broadcast_to(u, c.shape).astype(c.dtype), c)
+
+    return jax.tree_util.tree_map(pick, cond, uncond)
+
+
+def diffusion_loss(rng: Array, model_fn: Callable[[Array, Array, Any], Array], schedule: NoiseSchedule,
+                   x0: Array, cond: Any = None, *, uncond: Any = None, prediction_type: str = "eps",
+                   weighting: str = "none", min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0,
+                   cond_drop_prob=0.0, t: Optional[Array] = None, noise: Optional[Array] = None) -> LossOutput:
+    """The weighted denoising loss for a batch x0 (B, ...), with ``model_fn(x_t, t, cond) -> prediction``.
+
+    t and ε are drawn from ``rng`` unless given. ``uncond`` is needed when ``cond_drop_prob > 0``.
+    The arithmetic is float32 whatever the model's compute dtype.
+    """
+    p = sch.canonical_prediction_type(prediction_type)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+    t_rng, noise_rng, drop_rng = jax.random.split(rng, 3)
+    b = x0.shape[0]
+    x0 = x0.astype(jnp.float32)
+    if t is None:
+        t = jax.random.randint(t_rng, (b,), 0, schedule.num_timesteps)
+    else:
+        sch.check_timesteps(schedule, t)
+    if noise is None:
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+    if cond is not None and not (isinstance(cond_drop_prob, (int, float)) and cond_drop_prob == 0):
+        if uncond is None:
+            raise ValueError("cond_drop_prob > 0 needs the unconditional conditioning `uncond`")
+        cond = drop_condition(drop_rng, cond, uncond, cond_drop_prob)
+    alpha, sigma = sch.alpha_sigma(schedule, t, x0.ndim)
+    x_t = alpha * x0 + sigma * noise
+    target = sch.prediction_target(x0, noise, alpha, sigma, p)
+    pred = model_fn(x_t, t, cond).astype(jnp.float32)
+    if pred.shape != target.shape:
+        raise ValueError(f"model output shape {pred.shape} does not match the target shape {target.shape}")
+    mse = jnp.mean((pred - target) ** 2, axis=tuple(range(1, x0.ndim)))
+    w = loss_weight(sch.snr(schedule, t), p, weighting, min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma, p2_k=p2_k)
+    return LossOutput(loss=jnp.mean(w * mse), mse=mse, weights=w, t=t)

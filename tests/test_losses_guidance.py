@@ -1,0 +1,178 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import guidance, losses, schedules
+
+SCHED = schedules.get_schedule("cosine", 1000)
+X0 = jax.random.uniform(jax.random.key(0), (6, 4, 4, 3), minval=-1, maxval=1)
+
+
+def perfect(prediction_type):
+    """A model that knows x0 exactly and answers in the given parameterisation."""
+
+    def model_fn(x_t, t, cond):
+        a, s = schedules.alpha_sigma(SCHED, t, x_t.ndim)
+        eps = (x_t - a * X0) / s
+        return schedules.prediction_target(X0, eps, a, s, prediction_type)
+
+    return model_fn
+
+
+@pytest.mark.parametrize("pt", ["eps", "x0", "v"])
+def test_perfect_model_has_zero_loss_and_zero_model_has_known_loss(pt):
+    out = losses.diffusion_loss(jax.random.key(1), perfect(pt), SCHED, X0, prediction_type=pt)
+    assert float(out.loss) < 1e-8
+    # A zero output: the mse is the mean square of the target, known in closed form per example.
+    t = jnp.array([0, 10, 200, 500, 900, 999])
+    noise = jax.random.normal(jax.random.key(2), X0.shape)
+    zero = lambda x, t, c: jnp.zeros_like(x)  # noqa: E731
+    out = losses.diffusion_loss(jax.random.key(1), zero, SCHED, X0, prediction_type=pt, t=t, noise=noise)
+    a, s = schedules.alpha_sigma(SCHED, t, 4)
+    target = {"eps": noise, "x0": X0, "v": a * noise - s * X0}[pt]
+    np.testing.assert_allclose(out.mse, jnp.mean(target**2, axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_array_equal(out.t, t)
+
+
+def test_weightings_closed_forms():
+    snr = jnp.array([0.0, 0.1, 1.0, 5.0, 20.0, 1e4])
+    g = 5.0
+    np.testing.assert_allclose(losses.loss_weight(snr, "x0", "min_snr", min_snr_gamma=g), np.minimum(snr, g))
+    np.testing.assert_allclose(losses.loss_weight(snr, "eps", "min_snr", min_snr_gamma=g),
+                               [1.0, 1.0, 1.0, 1.0, g / 20.0, g / 1e4], rtol=1e-6)
+    np.testing.assert_allclose(losses.loss_weight(snr, "v", "min_snr", min_snr_gamma=g), np.minimum(snr, g) / (snr + 1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(losses.loss_weight(snr, "eps", "p2", p2_gamma=1.0, p2_k=1.0), 1 / (1 + snr), rtol=1e-6)
+    np.testing.assert_array_equal(losses.loss_weight(snr, "v", "none"), 1.0)
+
+
+def test_weightings_are_parameterisation_invariant():
+    """The same imperfect model, trained under eps/x0/v with min-SNR or P2, must get the same weighted loss:
+    the weights convert through ‖ε-ε̂‖² = SNR ‖x0-x̂0‖² and ‖v-v̂‖² = (1+SNR) ‖x0-x̂0‖²."""
+    x0_hat = lambda x_t, t: 0.8 * X0 + 0.05  # noqa: E731  a fixed, imperfect x0 estimate
+    t = jnp.array([1, 50, 300, 600, 900, 990])
+    noise = jax.random.normal(jax.random.key(3), X0.shape)
+
+    def model(pt):
+        def fn(x_t, t, cond):
+            a, s = schedules.alpha_sigma(SCHED, t, x_t.ndim)
+            x0 = x0_hat(x_t, t)
+            return schedules.prediction_target(x0, (x_t - a * x0) / s, a, s, pt)
+
+        return fn
+
+    for weighting in ("min_snr", "p2"):
+        vals = [float(losses.diffusion_loss(jax.random.key(0), model(pt), SCHED, X0, prediction_type=pt,
+                                            weighting=weighting, t=t, noise=noise).loss) for pt in ("eps", "x0", "v")]
+        np.testing.assert_allclose(vals, vals[0], rtol=2e-3)
+
+
+def test_condition_dropout_rate_and_content():
+    b = 4000
+    cond = {"states": jnp.ones((b, 3, 2)), "mask": jnp.ones((b, 3), bool)}
+    uncond = {"states": jnp.zeros((1, 3, 2)), "mask": jnp.zeros((1, 3), bool)}
+    out = losses.drop_condition(jax.random.key(0), cond, uncond, 0.1)
+    dropped = np.asarray(out["states"][:, 0, 0] == 0)
+    assert dropped.mean() == pytest.approx(0.1, abs=0.015)
+    np.testing.assert_array_equal(np.asarray(out["mask"][:, 0]), ~dropped)  # leaves dropped together
+    assert np.all(np.asarray(out["states"])[~dropped] == 1)
+
+
+def test_condition_dropout_reaches_model():
+    seen = {}
+
+    def model(x_t, t, cond):
+        seen["cond"] = cond
+        return jnp.zeros_like(x_t)
+
+    cond = jnp.ones((X0.shape[0], 2))
+    losses.diffusion_loss(jax.random.key(0), model, SCHED, X0, cond, uncond=jnp.zeros((1, 2)), cond_drop_prob=1.0)
+    np.testing.assert_array_equal(seen["cond"], 0.0)
+    losses.diffusion_loss(jax.random.key(0), model, SCHED, X0, cond, uncond=jnp.zeros((1, 2)), cond_drop_prob=0.0)
+    np.testing.assert_array_equal(seen["cond"], 1.0)
+
+
+def test_loss_is_differentiable_and_jittable():
+    def model(params, x_t, t, cond):
+        return params["w"] * x_t
+
+    def loss(params, rng):
+        return losses.diffusion_loss(rng, lambda x, t, c: model(params, x, t, c), SCHED, X0,
+                                     prediction_type="v", weighting="min_snr").loss
+
+    g = jax.jit(jax.grad(loss))({"w": jnp.array(0.3)}, jax.random.key(0))
+    assert np.isfinite(float(g["w"])) and float(g["w"]) != 0.0
+
+
+def test_loss_bad_input():
+    zero = lambda x, t, c: jnp.zeros_like(x)  # noqa: E731
+    with pytest.raises(ValueError, match="unknown prediction_type 'noise'"):
+        losses.diffusion_loss(jax.random.key(0), zero, SCHED, X0, prediction_type="noise")
+    with pytest.raises(ValueError, match="unknown loss weighting 'snr'"):
+        losses.diffusion_loss(jax.random.key(0), zero, SCHED, X0, weighting="snr")
+    with pytest.raises(ValueError, match="needs the unconditional conditioning"):
+        losses.diffusion_loss(jax.random.key(0), zero, SCHED, X0, jnp.ones((6, 2)), cond_drop_prob=0.1)
+    with pytest.raises(ValueError, match="model output shape"):
+        losses.diffusion_loss(jax.random.key(0), lambda x, t, c: x[..., :1], SCHED, X0)
+    with pytest.raises(ValueError, match="timestep out of range"):
+        losses.diffusion_loss(jax.random.key(0), zero, SCHED, X0, t=jnp.full((6,), 1000))
+
+
+# ---------------------------------------------------------------- guidance
+
+
+def _denoiser(x, t, cond):
+    return jnp.tanh(x) * cond["scale"].reshape(-1, 1, 1, 1) + cond["shift"].reshape(-1, 1, 1, 1)
+
+
+COND = {"scale": jnp.array([1.0, 2.0, 3.0]), "shift": jnp.array([0.5, -0.5, 0.1])}
+UNCOND = {"scale": jnp.ones(3), "shift": jnp.zeros(3)}
+X = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+T = jnp.full((3,), 500.0)
+
+
+def test_cfg_formula_and_single_batched_call():
+    calls = []
+
+    def counting(x, t, c):
+        calls.append(x.shape[0])
+        return _denoiser(x, t, c)
+
+    w = 4.0
+    out = guidance.classifier_free_guidance(counting, COND, UNCOND, w)(X, T)
+    assert calls == [6]  # one network call on the doubled batch
+    cond, unc = _denoiser(X, T, COND), _denoiser(X, T, UNCOND)
+    np.testing.assert_allclose(out, unc + w * (cond - unc), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(guidance.classifier_free_guidance(_denoiser, COND, UNCOND, 1.0)(X, T), cond,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(guidance.classifier_free_guidance(_denoiser, COND, UNCOND, 0.0)(X, T), unc,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_guidance_rescale():
+    cond, unc = _denoiser(X, T, COND), _denoiser(X, T, UNCOND)
+    guided = unc + 7.0 * (cond - unc)
+    full = guidance.cfg_combine(unc, cond, 7.0, guidance_rescale=1.0)
+    # φ = 1: per-sample std equals the conditional prediction's.
+    np.testing.assert_allclose(jnp.std(full, axis=(1, 2, 3)), jnp.std(cond, axis=(1, 2, 3)), rtol=1e-5)
+    half = guidance.cfg_combine(unc, cond, 7.0, guidance_rescale=0.7)
+    np.testing.assert_allclose(half, 0.7 * full + 0.3 * guided, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(guidance.cfg_combine(unc, cond, 7.0, 0.0), guided, rtol=1e-6)
+
+
+def test_cfg_batch_mismatch_error():
+    with pytest.raises(ValueError, match="cond leaves need a leading batch axis of size 2"):
+        guidance.classifier_free_guidance(_denoiser, COND, UNCOND, 3.0)(X[:2], T[:2])
+
+
+def test_clip_and_dynamic_threshold():
+    x0 = jnp.stack([jnp.linspace(-3, 3, 1000), jnp.linspace(-0.5, 0.5, 1000)]).reshape(2, 10, 100)
+    np.testing.assert_allclose(guidance.clip_x0(x0), jnp.clip(x0, -1, 1))
+    out = guidance.dynamic_threshold(x0, percentile=0.9, max_value=10.0)
+    s = np.quantile(np.abs(np.linspace(-3, 3, 1000)), 0.9)
+    np.testing.assert_allclose(out[0], np.clip(np.asarray(x0[0]), -s, s) / s, rtol=1e-5)
+    np.testing.assert_allclose(out[1], x0[1], rtol=1e-6)  # s = max(1, q) = 1: untouched inside [-1, 1]
+    assert float(jnp.max(jnp.abs(out))) <= 1.0 + 1e-6
+    capped = guidance.dynamic_threshold(x0, percentile=0.9, max_value=1.5)  # s capped at max_value
+    np.testing.assert_allclose(capped[0], np.clip(np.asarray(x0[0]), -1.5, 1.5) / 1.5, rtol=1e-5)
