@@ -291,7 +291,8 @@ def dpm_solver_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str =
                          final_sigma: str = "zero") -> tuple[np.ndarray, np.ndarray]:
     """Timesteps (N,) and VE noise levels (N+1,) as diffusers' DPMSolverMultistepScheduler picks them: for
     ``linspace`` and ``leading`` the first N of N+1 spaced timesteps; the last σ is 0 (``final_sigma="zero"``)
-    or σ at t = 0 (``"sigma_min"``)."""
+    or σ at t = 0 (``"sigma_min"``). With Karras σ the mapped-back timesteps are rounded (diffusers leaves
+    them fractional for its cosine schedule only)."""
     T = schedule.num_timesteps
     num_steps = _check_num_steps(num_steps, T)
     if spacing in ("linspace", "leading"):
