@@ -51,6 +51,7 @@ def register_sampler(name: str):
 
 
 def get_sampler(name: str) -> Callable:
+    """The sampler registered as ``name``; a one-line ValueError lists the valid names otherwise."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
