@@ -1,0 +1,112 @@
+"""Image helpers shared by the builders and the pipeline (PIL and numpy only, no TensorFlow)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["RESIZE_MODES", "encode_png", "fit_image", "load_image", "set_channels", "to_float"]
+
+# "crop": scale the shorter side to the size (antialiased bicubic), then center-crop the longer one.
+# "pad":  no resampling: center-pad with black (or center-crop) to the size, e.g. Fashion-MNIST 28 -> 32.
+RESIZE_MODES = ("crop", "pad")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 (H, W), (H, W, 1) or (H, W, 3) array (what tfds's Image feature stores)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"encode_png expects uint8, got {image.dtype}")
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="png", compress_level=1)
+    return buf.getvalue()
+
+
+def load_image(path: str, channels: int, size: int | None = None) -> Image.Image:
+    """Open any image file as a PIL image in mode "L" (channels=1) or "RGB" (channels=3).
+
+    EXIF orientation is applied; transparency is composited over white; for JPEGs larger than needed,
+    ``size`` lets the decoder downscale while decoding (``Image.draft``).
+    """
+    with Image.open(path) as im:
+        if size and im.format == "JPEG":
+            im.draft("RGB" if channels == 3 else "L", (size, size))  # keeps both sides >= size
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im)
+        im = im.convert("L" if channels == 1 else "RGB")
+        im.load()
+    return im
+
+
+def _fit_pil(im: Image.Image, size: int, mode: str) -> Image.Image:
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    if mode == "crop":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return im.crop((left, top, left + size, top + size))
+    if mode == "pad":
+        # PIL's crop pads with zeros where the box leaves the image: one call both pads and crops.
+        left, top = (w - size) // 2, (h - size) // 2
+        return im.crop((left, top, left + size, top + size))
+    raise ValueError(f"data.resize_mode must be one of {RESIZE_MODES}, got {mode!r}")
+
+
+def fit_image(image, size: int, mode: str = "crop") -> np.ndarray:
+    """A square ``size`` x ``size`` image from a PIL image or a uint8 (H, W[, C]) array (see
+    :data:`RESIZE_MODES`); returns uint8 (size, size, C) with C as given (1 for 2-D input)."""
+    if isinstance(image, Image.Image):
+        out = np.asarray(_fit_pil(image, size, mode))
+        return out[..., None] if out.ndim == 2 else out
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    h, w, c = image.shape
+    if (h, w) == (size, size):
+        return image
+    if mode == "pad":  # exact, channel-agnostic, no PIL
+        out = np.zeros((size, size, c), image.dtype)
+        top, left = (h - size) // 2, (w - size) // 2
+        src = image[max(top, 0) : max(top, 0) + min(h, size), max(left, 0) : max(left, 0) + min(w, size)]
+        dt, dl = max(-top, 0), max(-left, 0)
+        out[dt : dt + src.shape[0], dl : dl + src.shape[1]] = src
+        return out
+    pil = Image.fromarray(image[..., 0] if c == 1 else image)
+    out = np.asarray(_fit_pil(pil, size, mode))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def set_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (H, W, C) with C in {1, 3, 4} to (H, W, channels): gray repeated to RGB, RGB to gray with
+    ITU-R 601 luma (as PIL's "L"), alpha dropped."""
+    c = image.shape[-1]
+    if c == channels:
+        return image
+    if c == 4:
+        image, c = image[..., :3], 3
+    if c == 2:
+        image, c = image[..., :1], 1
+    if c == channels:
+        return image
+    if c == 1 and channels == 3:
+        return np.repeat(image, 3, axis=-1)
+    if c == 3 and channels == 1:
+        luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
+    raise ValueError(f"cannot convert an image with {image.shape[-1]} channels to {channels}")
+
+
+def to_float(image: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1]: ``x = image / 127.5 - 1`` (0 -> -1, 255 -> 1)."""
+    return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
