@@ -64,23 +64,26 @@ def loss_weight(snr: Array, prediction_type: str = "eps", weighting: str = "none
     raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
 
 
-def drop_condition(rng: Array, cond: Any, uncond: Any, drop_prob) -> Any:
-    """Replace each example's conditioning by the unconditional one with probability ``drop_prob``.
-
-    ``cond`` is a pytree with a leading batch axis B on every leaf; ``uncond`` has the same structure with
-    batch size 1 or B (e.g. the encoding of the empty prompt).
-    """
-    leaves = jax.tree_util.tree_leaves(cond)
-    if not leaves:
-        return cond
-    b = leaves[0].shape[0]
-    drop = jax.random.uniform(rng, (b,)) < drop_prob
+def select_condition(drop: Array, cond: Any, uncond: Any) -> Any:
+    """Per example, ``uncond`` where ``drop`` (bool, shape (B,)) is set and ``cond`` elsewhere. ``cond`` is a
+    pytree with a leading batch axis B on every leaf; ``uncond`` has the same structure with batch 1 or B."""
+    b = drop.shape[0]
 
     def pick(c, u):
         mask = drop.reshape((b,) + (1,) * (c.ndim - 1))
         return jnp.where(mask, jnp.broadcast_to(u, c.shape).astype(c.dtype), c)
 
     return jax.tree_util.tree_map(pick, cond, uncond)
+
+
+def drop_condition(rng: Array, cond: Any, uncond: Any, drop_prob) -> Any:
+    """Replace each example's conditioning by the unconditional one with probability ``drop_prob``
+    (Ho & Salimans 2021, Algorithm 1); see ``select_condition`` for the shapes."""
+    leaves = jax.tree_util.tree_leaves(cond)
+    if not leaves:
+        return cond
+    drop = jax.random.uniform(rng, (leaves[0].shape[0],)) < drop_prob
+    return select_condition(drop, cond, uncond)
 
 
 def diffusion_loss(rng: Array, model_fn: Callable[[Array, Array, Any], Array], schedule: NoiseSchedule,

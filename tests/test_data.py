@@ -15,25 +15,13 @@ from PIL import Image
 from diffjax import data
 from diffjax.data import captions, fashion_mnist, images
 from diffjax.text import TextEncoder
+from fakes import write_fake_fashion_mnist
 
 N_TRAIN, N_TEST = 40, 20
 
 
 def _fake_idx_dir(directory, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for split, n, (img_name, lbl_name) in (
-        ("train", N_TRAIN, fashion_mnist.FASHION_MNIST_FILES["train"]),
-        ("test", N_TEST, fashion_mnist.FASHION_MNIST_FILES["test"]),
-    ):
-        imgs = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        imgs[:, 0, 0] = 0  # exact extremes present
-        imgs[:, 0, 1] = 255
-        labels = (np.arange(n) * 7 % 10).astype(np.uint8)
-        data.write_idx(os.path.join(directory, img_name), imgs)
-        data.write_idx(os.path.join(directory, lbl_name), labels)
-        out[split] = (imgs, labels)
-    return out
+    return write_fake_fashion_mnist(directory, N_TRAIN, N_TEST, seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,51 @@
+"""Experiment configs; ``validate_config`` checks any of them (and command-line overrides) before a run."""
+
+import ml_collections
+
+from diffjax import losses, samplers, schedules
+from diffjax.data.pipeline import validate_data_config
+
+
+def _flat_keys(cfg, prefix=""):
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flat_keys(value, name + ".")
+        else:
+            yield name
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise a one-line ValueError naming the first unknown key or bad value."""
+    from experiments.configs import default
+
+    known = set(_flat_keys(default.get_config()))
+    for key in _flat_keys(config):
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r} (see experiments/configs/default.py)")
+    for key in known - set(_flat_keys(config)):
+        raise ValueError(f"config key {key!r} is missing (start experiment configs from default.get_config())")
+
+    def choice(key, value, allowed):
+        if value not in allowed:
+            raise ValueError(f"config.{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+    d = config.diffusion
+    choice("diffusion.schedule", d.schedule, schedules.SCHEDULES)
+    choice("diffusion.prediction_type", d.prediction_type, schedules.PREDICTION_TYPES)
+    choice("diffusion.loss_weighting", d.loss_weighting, losses.WEIGHTINGS)
+    choice("sampling.sampler", config.sampling.sampler, tuple(samplers.SAMPLERS))
+    choice("sampling.timestep_spacing", config.sampling.timestep_spacing, samplers.SPACINGS)
+    choice("optim.lr_schedule", config.optim.lr_schedule, ("constant", "cosine"))
+    if not 0.0 <= d.cond_drop_prob < 1.0:
+        raise ValueError(f"config.diffusion.cond_drop_prob={d.cond_drop_prob} must be in [0, 1)")
+    if not 1 <= config.sampling.num_steps <= d.num_timesteps:
+        raise ValueError(f"config.sampling.num_steps={config.sampling.num_steps} must be in 1..{d.num_timesteps}")
+    for key in ("training.batch_size", "training.num_steps", "training.log_every", "training.checkpoint_every",
+                "sharding.fsdp", "diffusion.num_timesteps"):
+        section, name = key.split(".")
+        if int(config[section][name]) < 1:
+            raise ValueError(f"config.{key}={config[section][name]} must be a positive integer")
+    if not 0.0 <= config.ema.decay < 1.0:
+        raise ValueError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
+    validate_data_config(config.data)

@@ -1,0 +1,425 @@
+"""Training: the TrainState, the pure train step, EMA, the optimizer, and the loop.
+
+The step is a pure function ``train_step(state, batch) -> (state, metrics)``. ``jax.jit`` with
+``NamedSharding``s (``diffjax.sharding``) runs it on one device, all devices of a host, or a multi-host
+mesh; the same function runs under ``jax.pmap`` when built with ``axis_name``.
+
+The randomness of a step is drawn per example from ``fold_in(step_key, global_example_index)``: the
+timestep, the noise and the condition dropout of an example do not depend on how the batch is laid out over
+devices, so 1 device, 8 devices, data × fsdp and pmap all compute the same update (the tests check this).
+
+Per step (Ho et al. 2020, Algorithm 1, with the text conditioning of Rombach et al. 2022):
+  1. token ids of a fraction ``cond_drop_prob`` of the examples are replaced by the empty prompt's
+     (classifier-free guidance, Ho & Salimans 2021);
+  2. the text encoder (frozen: under stop_gradient and outside the optimizer; or trained jointly) gives the
+     per-token states, their mask and the pooled embedding;
+  3. ``losses.diffusion_loss`` with the sampled t and ε;
+  4. gradients (averaged over devices by the sharded jit, or ``pmean`` under pmap), clipped by global
+     norm, AdamW with warmup + cosine decay, and an EMA of the parameters with warmup
+     (decay_t = min(decay, (1 + t) / (10 + t)), as in TensorFlow's ExponentialMovingAverage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from diffjax import losses
+from diffjax import schedules as sch
+from diffjax.models.unet import UNet, UNetConfig, unet_preset
+from diffjax.text import TextEncoder
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array  # int32 scalar
+    params: Any  # {"unet": ..., "text": ... (when the text encoder is trained)}: what the optimizer updates
+    ema_params: Any  # exponential moving average of ``params``
+    opt_state: Any
+    rng: Array  # uint32[2] key
+    frozen: Any  # {"text": ...} when the text encoder is frozen, else {}
+
+    def text_params(self, ema: bool = False):
+        params = self.ema_params if ema else self.params
+        return params["text"] if "text" in params else self.frozen["text"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Models:
+    """The networks and the schedule of an experiment, built from its config."""
+
+    unet: UNet
+    text_encoder: TextEncoder
+    schedule: sch.NoiseSchedule
+    use_pooled: bool
+
+    def denoiser(self, unet_params, train: bool = False, dropout_rng: Optional[Array] = None):
+        """``model_fn(x_t, t, cond)`` for losses/guidance, with cond a ``text.TextEncoding``."""
+        rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
+
+        def model_fn(x_t, t, cond):
+            return self.unet.apply({"params": unet_params}, x_t, t, cond.hidden_states, cond.mask,
+                                   pooled=cond.pooled if self.use_pooled else None, train=train, rngs=rngs)
+
+        return model_fn
+
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[Models, Any]:
+    """(Models, text params) from ``config.model``, ``config.text`` and ``config.diffusion``."""
+    tc = config.text
+    if tc.pretrained:
+        encoder, text_params = TextEncoder.from_pretrained(tc.encoder)
+        encoder = encoder.replace(trainable=tc.trainable, max_length=tc.max_length)
+    else:
+        encoder, text_params = TextEncoder.from_config(tc.encoder, seed=config.seed, max_length=tc.max_length,
+                                                       trainable=tc.trainable)
+    fields = dict(config.model.unet)
+    preset = fields.pop("preset")
+    for key in ("context_dim", "pooled_dim"):
+        if fields.get(key) is None:
+            fields.pop(key, None)
+    fields["context_dim"] = fields.get("context_dim") or encoder.hidden_size
+    if fields["context_dim"] != encoder.hidden_size:
+        raise ValueError(f"config.model.unet.context_dim={fields['context_dim']} does not match the text encoder's "
+                         f"hidden size {encoder.hidden_size}")
+    use_pooled = bool(config.model.use_pooled_text)
+    fields["pooled_dim"] = encoder.hidden_size if use_pooled else None
+    for key in ("channel_mult", "attention_levels"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
+    unet_cfg = unet_preset(preset, **fields)
+    dc = config.diffusion
+    schedule = sch.get_schedule(dc.schedule, dc.num_timesteps, rescale_to_zero_snr=dc.rescale_to_zero_snr)
+    return Models(UNet(unet_cfg), encoder, schedule, use_pooled), text_params
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to ``optim.learning_rate``, then constant or cosine decay to ``end_lr_factor`` × lr at
+    ``training.num_steps`` (Loshchilov & Hutter 2017)."""
+    oc = config.optim
+    warm = max(int(oc.warmup_steps), 0)
+    if oc.lr_schedule == "constant":
+        after = optax.constant_schedule(oc.learning_rate)
+    elif oc.lr_schedule == "cosine":
+        after = optax.cosine_decay_schedule(oc.learning_rate, max(config.training.num_steps - warm, 1),
+                                            alpha=oc.end_lr_factor)
+    else:
+        raise ValueError(f"config.optim.lr_schedule={oc.lr_schedule!r}: expected 'constant' or 'cosine'")
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, oc.learning_rate, warm), after], [warm])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping, then AdamW (Loshchilov & Hutter 2019) with the learning-rate schedule."""
+    oc = config.optim
+    lr = learning_rate_schedule(config)
+    parts = []
+    if oc.grad_clip_norm and oc.grad_clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(oc.grad_clip_norm))
+    parts.append(optax.adamw(lr, b1=oc.b1, b2=oc.b2, eps=oc.eps, weight_decay=oc.weight_decay))
+    return optax.chain(*parts), lr
+
+
+def ema_decay(step: Array, decay: float, warmup: bool) -> Array:
+    """min(decay, (1 + step) / (10 + step)) with warmup, else ``decay``."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def init_state(models: Models, image_shape: tuple[int, int, int], text_params: Any,
+               tx: optax.GradientTransformation, rng: Array) -> TrainState:
+    """A fresh TrainState (pure: jit it with out_shardings to create it sharded)."""
+    init_rng, state_rng = jax.random.split(rng)
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    h = models.text_encoder.hidden_size
+    L = models.text_encoder.max_length
+    variables = models.unet.init({"params": init_rng, "dropout": init_rng}, x, jnp.zeros((1,)),
+                                 jnp.zeros((1, L, h)), jnp.ones((1, L), bool),
+                                 pooled=jnp.zeros((1, h)) if models.use_pooled else None)
+    params = {"unet": variables["params"]}
+    frozen = {}
+    if models.text_encoder.trainable:
+        params["text"] = text_params
+    else:
+        frozen["text"] = text_params
+    ema = jax.tree_util.tree_map(jnp.array, params)  # a copy: donated buffers must be distinct
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=tx.init(params),
+                      rng=state_rng, frozen=frozen)
+
+
+def _per_example_randomness(step_key: Array, index: Array, image_shape, num_timesteps: int, drop_prob):
+    """t, ε and the condition-dropout flag of each example from fold_in(step_key, global index)."""
+
+    def one(i):
+        kt, kn, kd = jax.random.split(jax.random.fold_in(step_key, i), 3)
+        return (jax.random.randint(kt, (), 0, num_timesteps), jax.random.normal(kn, image_shape, jnp.float32),
+                jax.random.uniform(kd) < drop_prob)
+
+    return jax.vmap(one)(index)
+
+
+def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, uncond_ids: Array, uncond_mask: Array,
+                    axis_name: Optional[str] = None) -> Callable:
+    """The pure ``train_step(state, batch) -> (state, metrics)``; ``batch`` holds ``image`` (B, H, W, C) in
+    [-1, 1], ``token_ids`` (B, L) and ``mask`` (B, L). With ``axis_name`` it runs under ``jax.pmap`` over
+    that axis (gradients and metrics averaged with ``pmean``)."""
+    dc = config.diffusion
+    encoder = models.text_encoder
+    decay, warmup = float(config.ema.decay), bool(config.ema.warmup)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        x0 = batch["image"]
+        b = x0.shape[0]
+        step_key, dropout_key, next_rng = jax.random.split(state.rng, 3)
+        offset = 0
+        if axis_name is not None:
+            offset = jax.lax.axis_index(axis_name) * b
+            dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+        t, noise, drop = _per_example_randomness(step_key, offset + jnp.arange(b), x0.shape[1:],
+                                                 models.schedule.num_timesteps, dc.cond_drop_prob)
+        ids, mask = losses.select_condition(drop, (batch["token_ids"], batch["mask"]), (uncond_ids, uncond_mask))
+
+        def loss_fn(params):
+            text_params = params["text"] if "text" in params else state.frozen["text"]
+            cond = encoder.encode(text_params, ids, mask, trainable=encoder.trainable)
+            model_fn = models.denoiser(params["unet"], train=True, dropout_rng=dropout_key)
+            out = losses.diffusion_loss(step_key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
+                                        prediction_type=dc.prediction_type, weighting=dc.loss_weighting,
+                                        min_snr_gamma=dc.min_snr_gamma, p2_gamma=dc.p2_gamma, p2_k=dc.p2_k)
+            return out.loss, out
+
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if axis_name is not None:
+            grads = jax.lax.pmean(grads, axis_name)
+            loss = jax.lax.pmean(loss, axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = ema_decay(state.step, decay, warmup)
+        ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": lr_schedule(state.step),
+                   "ema_decay": d}
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                                  rng=next_rng)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callable:
+    """``eval_step(state, batch, key) -> loss`` with the EMA parameters and no condition dropout; a fixed key
+    makes successive evaluations comparable."""
+    dc = config.diffusion
+
+    def eval_step(state: TrainState, batch: dict, key: Array) -> Array:
+        x0 = batch["image"]
+        t, noise, _ = _per_example_randomness(key, jnp.arange(x0.shape[0]), x0.shape[1:],
+                                              models.schedule.num_timesteps, 0.0)
+        cond = models.text_encoder.encode(state.text_params(ema=True), batch["token_ids"], batch["mask"],
+                                          trainable=False)
+        model_fn = models.denoiser(state.ema_params["unet"])
+        return losses.diffusion_loss(key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
+                                     prediction_type=dc.prediction_type, weighting=dc.loss_weighting,
+                                     min_snr_gamma=dc.min_snr_gamma, p2_gamma=dc.p2_gamma, p2_k=dc.p2_k).loss
+
+    return eval_step
+
+
+# ------------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Everything a run needs, built once from a config: mesh, models, optimizer, jitted and sharded steps.
+
+    ``Trainer(config).train(workdir)`` is the whole run; tests and notebooks use the parts (``init``,
+    ``step``, ``shard_batch``) directly.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh=None, image_shape=None):
+        from diffjax import sharding
+
+        self.config = config
+        if image_shape is None:
+            if config.data.image_size and config.data.channels:
+                image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+            else:  # the dataset's native size: look it up (prepares the dataset if needed)
+                from diffjax.data import describe_dataset
+
+                image_shape = describe_dataset(config.data, config.data.train_split).image_shape
+        self.image_shape = tuple(image_shape)
+        self.mesh = sharding.create_mesh(config.sharding.fsdp) if mesh is None else mesh
+        sharding.check_batch_size(config.training.batch_size, self.mesh)
+        self.models, self._text_params = build_models(config)
+        self.tx, self.lr_schedule = make_optimizer(config)
+        uncond_ids, uncond_mask = self.models.text_encoder.tokenize([""])
+        self.uncond = (jnp.asarray(uncond_ids), jnp.asarray(uncond_mask))
+        step_fn = make_train_step(config, self.models, self.tx, self.lr_schedule, *self.uncond)
+        abstract = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0), self._text_params)
+        self.state_shardings = sharding.state_shardings(self.mesh, abstract)
+        self.abstract_state = abstract
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        rep = sharding.replicated(self.mesh)
+        self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
+        self.step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                            out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        self.eval_step = jax.jit(make_eval_step(config, self.models),
+                                 in_shardings=(self.state_shardings, self.batch_sharding, rep), out_shardings=rep)
+
+    def _init_fn(self, rng, text_params):
+        return init_state(self.models, self.image_shape, text_params, self.tx, rng)
+
+    def init(self, seed: Optional[int] = None) -> TrainState:
+        return self._init(jax.random.PRNGKey(self.config.seed if seed is None else seed), self._text_params)
+
+    def shard_batch(self, local_batch: dict) -> dict:
+        """This process's numpy batch → global arrays sharded over the mesh (only the model inputs)."""
+        from diffjax import sharding
+
+        keys = ("image", "token_ids", "mask")
+        return sharding.global_batch(self.mesh, {k: local_batch[k] for k in keys})
+
+    def restore_target(self):
+        from diffjax.checkpoints import abstract_with_shardings
+
+        return abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+    # --------------------------------------------------------------------------------------------------
+    def train(self, workdir: str, stop_at: Optional[int] = None) -> TrainState:
+        """The whole run: resume from ``workdir``'s latest checkpoint if any, train to ``training.num_steps``
+        with metrics (TensorBoard + progress bar), sample grids, held-out loss and checkpoints.
+        ``stop_at`` ends the run early after that step, with a checkpoint (as a preemption would)."""
+        import os
+        import time
+
+        from jax.experimental import multihost_utils
+
+        from diffjax import pipeline
+        from diffjax.checkpoints import Checkpointer
+        from diffjax.data import describe_dataset, make_dataset
+
+        cfg, tc = self.config, self.config.training
+        lead = jax.process_index() == 0
+        os.makedirs(workdir, exist_ok=True)
+        info = describe_dataset(cfg.data, cfg.data.train_split)
+        if tuple(info.image_shape) != tuple(self.image_shape):
+            raise ValueError(f"data gives images of shape {info.image_shape}, the model is built for "
+                             f"{self.image_shape} (config.data.image_size / channels)")
+        enc = self.models.text_encoder
+        data_kw = dict(global_batch_size=tc.batch_size, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+        train_it = make_dataset(cfg.data, enc, split=cfg.data.train_split, seed=cfg.seed, **data_kw)
+
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
+        if ckpt.latest_step() is not None:
+            state, data_state, _ = ckpt.restore(self.restore_target())
+            if data_state:
+                train_it.set_state(data_state)
+            logging.info("resumed from step %d in %s", int(state.step), workdir)
+        else:
+            state = self.init()
+        start = int(state.step)
+
+        writer = _SummaryWriter(os.path.join(workdir, "tensorboard")) if lead else None
+        prompts = [p for p in cfg.sampling.prompts.split("|") if p] if cfg.sampling.prompts else info.prompts()
+        sample_fn = None
+
+        def write_samples(step):
+            nonlocal sample_fn
+            if sample_fn is None:
+                sc = cfg.sampling
+                sample_fn = pipeline.make_generate_fn(self.models, self.image_shape, sampler=sc.sampler,
+                                                      num_steps=sc.num_steps,
+                                                      prediction_type=cfg.diffusion.prediction_type,
+                                                      timestep_spacing=sc.timestep_spacing)
+            n = cfg.sampling.images_per_prompt
+            ids, mask = enc.tokenize([p for p in prompts for _ in range(n)])
+            x = sample_fn(state.ema_params["unet"], state.text_params(ema=True), ids, mask, *self.uncond,
+                          jax.random.PRNGKey(cfg.seed + 1), cfg.sampling.guidance_scale)
+            images = pipeline.to_uint8(multihost_utils.process_allgather(x, tiled=True))
+            if lead:
+                grid = pipeline.image_grid(images, rows=len(prompts))
+                os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+                pipeline.save_image(grid, os.path.join(workdir, "samples", f"step_{step:06d}.png"), scale=2)
+                writer.image("samples", grid, step)
+
+        def evaluate(step):
+            it = make_dataset(cfg.data, enc, split=cfg.data.eval_split, seed=cfg.seed, shuffle=False, **data_kw)
+            vals = [self.eval_step(state, self.shard_batch(next(it)), jax.random.PRNGKey(cfg.seed + 2))
+                    for _ in range(tc.eval_batches)]
+            loss = float(jnp.mean(jnp.stack(vals)))
+            if lead:
+                writer.scalar("eval/loss", loss, step)
+            return loss
+
+        bar = None
+        if lead and tc.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True)
+        t_last, steps_last = time.perf_counter(), start
+        metrics = None
+        for step in range(start + 1, tc.num_steps + 1):
+            batch = self.shard_batch(next(train_it))
+            state, metrics = self.step(state, batch)
+            if bar is not None:
+                bar.update(1)
+            if step % tc.log_every == 0 or step == tc.num_steps:
+                m = jax.device_get(metrics)
+                now = time.perf_counter()
+                dt = (now - t_last) / max(step - steps_last, 1)
+                t_last, steps_last = now, step
+                m = {k: float(v) for k, v in m.items()}
+                m.update(step_time=dt, images_per_second=tc.batch_size / dt)
+                if lead:
+                    for k, v in m.items():
+                        writer.scalar(f"train/{k}", v, step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_second']:.0f}")
+            if tc.eval_every and step % tc.eval_every == 0:
+                evaluate(step)
+            if tc.sample_every and (step % tc.sample_every == 0 or step == tc.num_steps):
+                write_samples(step)
+            stop = step == stop_at or ckpt.reached_preemption(step)
+            if step % tc.checkpoint_every == 0 or step == tc.num_steps or stop:
+                ckpt.save(step, state, train_it.get_state(), cfg, force=stop)
+            if stop:
+                logging.warning("stopping at step %d with a checkpoint", step)
+                break
+        ckpt.close()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+        return state
+
+
+class _SummaryWriter:
+    """TensorBoard event files through tensorboardX (no TensorFlow needed)."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._w = SummaryWriter(logdir)
+
+    def scalar(self, tag, value, step):
+        self._w.add_scalar(tag, value, step)
+
+    def image(self, tag, image, step):
+        self._w.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self):
+        self._w.close()

@@ -1,0 +1,90 @@
+"""Every key of a diffjax experiment, with its default and a one-line comment.
+
+Per-experiment configs (fashion_mnist.py, tiny.py, cifar10.py, text_to_image_folder.py) start from
+``get_config()`` here and override a few keys; any key can be overridden on the command line:
+``--config.training.batch_size=64``. A key that is not here fails at start, naming the key.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from diffjax.data import default_data_config
+from diffjax.models.unet import UNetConfig
+
+
+def unet_config(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
+    """All UNetConfig fields of a preset (so each can be overridden by flag), plus the preset's name."""
+    fields = dataclasses.asdict(UNetConfig.preset(preset, **overrides))
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
+    # Filled from the text encoder when None (cross-attention width, pooled-embedding width).
+    fields["context_dim"] = overrides.get("context_dim")
+    fields["pooled_dim"] = None
+    return ml_collections.ConfigDict({"preset": preset, **fields}, type_safe=False)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # seeds parameters, the data order and the diffusion noise
+
+    config.data = default_data_config()  # input pipeline (see diffjax/data)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.unet = unet_config("small")  # U-Net architecture: a preset of diffjax.models.unet + overrides
+    config.model.use_pooled_text = True  # add the pooled text embedding to the timestep embedding
+
+    config.text = ml_collections.ConfigDict()
+    config.text.encoder = "tiny"  # TextEncoder size (from_config) or, with pretrained, a hub id / local dir
+    config.text.pretrained = False  # load config.text.encoder with from_pretrained
+    config.text.trainable = True  # train the text encoder jointly (LDM) rather than freezing it
+    config.text.max_length = 77  # tokens per prompt (CLIP: 77)
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.schedule = "cosine"  # linear | scaled_linear | cosine | sigmoid
+    config.diffusion.num_timesteps = 1000  # T
+    config.diffusion.rescale_to_zero_snr = False  # Lin et al. 2023 (use with prediction_type="v")
+    config.diffusion.prediction_type = "eps"  # eps | x0 | v
+    config.diffusion.loss_weighting = "min_snr"  # none | min_snr | p2
+    config.diffusion.min_snr_gamma = 5.0  # γ of Min-SNR-γ
+    config.diffusion.p2_gamma = 1.0  # γ of P2 weighting
+    config.diffusion.p2_k = 1.0  # k of P2 weighting
+    config.diffusion.cond_drop_prob = 0.1  # fraction of prompts replaced by "" (classifier-free guidance)
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 2e-4  # peak learning rate
+    config.optim.warmup_steps = 500  # linear warmup from 0
+    config.optim.lr_schedule = "cosine"  # constant | cosine (decay to end_lr_factor at training.num_steps)
+    config.optim.end_lr_factor = 0.1  # final learning rate / peak for the cosine schedule
+    config.optim.b1 = 0.9  # Adam β1
+    config.optim.b2 = 0.999  # Adam β2
+    config.optim.eps = 1e-8  # Adam ε
+    config.optim.weight_decay = 0.0  # AdamW decoupled weight decay
+    config.optim.grad_clip_norm = 1.0  # clip gradients to this global norm (0: off)
+
+    config.ema = ml_collections.ConfigDict()
+    config.ema.decay = 0.9995  # EMA decay of the parameters used for sampling and evaluation
+    config.ema.warmup = True  # decay_t = min(decay, (1 + t) / (10 + t))
+
+    config.training = ml_collections.ConfigDict()
+    config.training.batch_size = 64  # global batch size (all devices and processes)
+    config.training.num_steps = 10_000  # total optimizer steps
+    config.training.log_every = 50  # steps between metric writes
+    config.training.eval_every = 1000  # steps between held-out loss evaluations (0: off)
+    config.training.eval_batches = 4  # batches per evaluation
+    config.training.sample_every = 1000  # steps between sample grids (0: off); also at the end
+    config.training.checkpoint_every = 1000  # steps between checkpoints; also at the end
+    config.training.keep_checkpoints = 3  # checkpoints kept on disk
+    config.training.progress_bar = True  # tqdm progress bar on process 0
+
+    config.sharding = ml_collections.ConfigDict()
+    config.sharding.fsdp = 1  # size of the mesh's fsdp axis (parameter sharding); data axis = devices / fsdp
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.sampler = "dpmpp_2m"  # ddpm | ddim | dpmpp_2m | euler | heun
+    config.sampling.num_steps = 25  # sampler steps
+    config.sampling.guidance_scale = 3.0  # classifier-free guidance scale w
+    config.sampling.timestep_spacing = "trailing"  # leading | trailing | linspace
+    config.sampling.prompts = ""  # '|'-separated prompts for sample grids ("" = one per class of the data)
+    config.sampling.images_per_prompt = 4  # columns of the sample grid
+    return config
+

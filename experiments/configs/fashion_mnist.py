@@ -1,0 +1,36 @@
+"""The embedded default: captioned Fashion-MNIST at 28×28, a ~2.8M-parameter U-Net conditioned on a small CLIP
+text transformer trained from scratch (as LDM trained its text encoder), sized for a CPU budget.
+
+    python -m experiments.main --config=experiments/configs/fashion_mnist.py --workdir=runs/fashion_mnist
+"""
+
+from experiments.configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.name = "fashion_mnist"
+    config.data.image_size = 28
+    config.data.channels = 1
+    config.model.unet = default.unet_config("small", in_channels=1, dropout=0.0)
+    config.text.encoder = "tiny"  # 2 layers, width 32: plenty for ten classes in a few wordings
+    config.text.max_length = 16  # the longest caption is 12 tokens
+    config.text.trainable = True
+    config.diffusion.schedule = "cosine"
+    config.diffusion.prediction_type = "eps"
+    config.diffusion.loss_weighting = "min_snr"
+    config.diffusion.cond_drop_prob = 0.1
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup_steps = 100
+    config.ema.decay = 0.999
+    config.training.batch_size = 64
+    config.training.num_steps = 1500
+    config.training.log_every = 25
+    config.training.eval_every = 500
+    config.training.sample_every = 500
+    config.training.checkpoint_every = 500
+    config.sampling.sampler = "dpmpp_2m"
+    config.sampling.num_steps = 20
+    config.sampling.guidance_scale = 3.0
+    config.sampling.images_per_prompt = 6
+    return config

@@ -1,0 +1,133 @@
+"""Runs a few training steps on simulated devices or processes; launched by tests/test_train.py.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py layouts OUT.npz
+    python tests/train_worker.py process I N PORT OUT.npz      (one of N gloo processes, 2 devices each)
+
+Every layout trains the tiny config on the same synthetic global batches; the test compares the results.
+"""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+STEPS = 3
+GLOBAL_BATCH = 8
+
+
+def tiny_config():
+    from experiments.configs import tiny
+
+    config = tiny.get_config()
+    config.training.batch_size = GLOBAL_BATCH
+    return config
+
+
+def batches(trainer, num):
+    """Deterministic global batches (numpy): images, and prompts tokenized by the run's text encoder."""
+    rng = np.random.default_rng(0)
+    words = ["a photo of a sneaker", "a dress", "an ankle boot", "a bag"]
+    out = []
+    for _ in range(num):
+        ids, mask = trainer.models.text_encoder.tokenize([words[i] for i in rng.integers(0, 4, GLOBAL_BATCH)])
+        image = rng.uniform(-1, 1, (GLOBAL_BATCH,) + trainer.image_shape).astype(np.float32)
+        out.append({"image": image, "token_ids": ids, "mask": mask})
+    return out
+
+
+def flat(tree):
+    leaves = jax.tree_util.tree_leaves(jax.device_get(tree))
+    return np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
+
+
+def run_mesh(config, mesh, local_slice=slice(None), trainer=None):
+    from diffjax.train import Trainer
+
+    trainer = trainer or Trainer(config, mesh=mesh)
+    state = trainer.init()
+    for b in batches(trainer, STEPS):
+        state, metrics = trainer.step(state, trainer.shard_batch({k: v[local_slice] for k, v in b.items()}))
+    return trainer, state, float(metrics["loss"])
+
+
+def layouts(out_path):
+    from jax.experimental import multihost_utils  # noqa: F401
+
+    from diffjax import sharding
+    from diffjax.checkpoints import Checkpointer
+    from diffjax.train import make_train_step
+
+    config = tiny_config()
+    devs = jax.devices()
+    assert len(devs) == 8, devs
+    results = {}
+    t1, s1, l1 = run_mesh(config, sharding.create_mesh(1, devs[:1]))
+    results["one_device"] = flat(s1.params)
+    t8, s8, l8 = run_mesh(config, sharding.create_mesh(1, devs))
+    results["data8"] = flat(s8.params)
+    config_fsdp = tiny_config()
+    config_fsdp.sharding.fsdp = 2
+    t42, s42, _ = run_mesh(config_fsdp, sharding.create_mesh(2, devs))
+    results["data4_fsdp2"] = flat(s42.params)
+    # Some parameters must really be split over the fsdp axis.
+    specs = [leaf.sharding.spec for leaf in jax.tree_util.tree_leaves(s42.params)]
+    results["fsdp_sharded_leaves"] = np.array(sum(sharding.FSDP in tuple(s) for s in specs))
+    results["losses"] = np.array([l1, l8])
+
+    # pmap over the 8 devices: the same pure step with axis_name, per-device batch slices.
+    step = jax.pmap(make_train_step(config, t1.models, t1.tx, t1.lr_schedule, *t1.uncond, axis_name="batch"),
+                    axis_name="batch")
+    state = jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (8,) + x.shape), jax.device_get(t1.init()))
+    for b in batches(t1, STEPS):
+        state, _ = step(state, {k: v.reshape((8, -1) + v.shape[1:]) for k, v in b.items()})
+    results["pmap"] = flat(jax.tree_util.tree_map(lambda x: x[0], state.params))
+    results["pmap_replicas_equal"] = np.array(all(
+        bool(jnp.all(x == x[0])) for x in jax.tree_util.tree_leaves(state.params)))
+
+    # Save on 8 devices (data axis), restore onto 1 device and onto data x fsdp.
+    ckpt_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "ckpt")
+    ckpt = Checkpointer(ckpt_dir, async_save=False)
+    ckpt.save(STEPS, s8, {"next_index": STEPS}, config)
+    ckpt.wait()
+    r1, data_state, cfg = ckpt.restore(t1.restore_target())
+    results["restored_1"] = flat(r1.params)
+    results["restored_1_devices"] = np.array(len(jax.tree_util.tree_leaves(r1.params)[0].sharding.device_set))
+    r42, _, _ = ckpt.restore(t42.restore_target())
+    results["restored_fsdp"] = flat(r42.params)
+    results["restored_data_state"] = np.array(data_state["next_index"])
+    results["restored_config_batch"] = np.array(cfg["training"]["batch_size"])
+    # Training continues from the restored state on the other mesh exactly as it would have on 8 devices.
+    b = batches(t1, STEPS + 1)[-1]
+    cont1, _ = t1.step(r1, t1.shard_batch(b))
+    cont8, _ = t8.step(s8, t8.shard_batch(b))
+    results["continued_1"], results["continued_8"] = flat(cont1.params), flat(cont8.params)
+    ckpt.close()
+    np.savez(out_path, **results)
+
+
+def process(index, count, port, out_path):
+    from diffjax import sharding
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=count, process_id=index,
+                               local_device_ids=None)
+    assert jax.process_count() == count
+    config = tiny_config()
+    local = GLOBAL_BATCH // count
+    _, state, loss = run_mesh(config, sharding.create_mesh(1), slice(index * local, (index + 1) * local))
+    from jax.experimental import multihost_utils
+
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    if index == 0:
+        np.savez(out_path, params=flat(params), devices=np.array(jax.device_count()), loss=np.array(loss))
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if sys.argv[1] == "layouts":
+        layouts(sys.argv[2])
+    else:
+        process(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
