@@ -19,9 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
-from diffjax import guidance, samplers, schedules
+from diffjax import guidance, pipeline, samplers, schedules
 
 CLASSES = ("ring", "square", "cross", "stripes")
 
@@ -67,18 +66,6 @@ def posterior_mean_denoiser(images: np.ndarray, labels: np.ndarray, schedule: sc
     return denoiser
 
 
-def save_grid(images: np.ndarray, rows: int, path: str) -> None:
-    """Tile (N, H, W, 1) images in [-1, 1] into a PNG with ``rows`` rows."""
-    n, h, w, _ = images.shape
-    cols = n // rows
-    u8 = np.clip((images[..., 0] + 1) * 127.5, 0, 255).round().astype(np.uint8)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = u8[i]
-    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo")
@@ -108,7 +95,7 @@ def main(argv=None) -> dict:
         d2 = ((out.reshape(len(out), 1, -1) - images.reshape(1, len(images), -1)) ** 2).sum(-1)
         accuracy = float(np.mean(labels[d2.argmin(1)] == np.asarray(cond)))
         path = os.path.join(args.workdir, f"samples_{name}.png")
-        save_grid(out, len(CLASSES), path)
+        pipeline.save_image(pipeline.image_grid(pipeline.to_uint8(out), rows=len(CLASSES)), path, scale=3)
         results[name] = accuracy
         print(f"{name:9s} {args.num_steps} steps  class accuracy {accuracy:.2f}  ({seconds:.1f}s incl. compile) -> {path}")
     return results
