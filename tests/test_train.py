@@ -100,9 +100,13 @@ def layouts(tmp_path_factory):
     return dict(np.load(out))
 
 
-def _close(a, b):
-    scale = np.max(np.abs(b))
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+def _close(a, b, lr=1e-2):
+    """Equal up to float reduction order. Adam normalises each gradient by its running RMS, so where a
+    gradient is at rounding-noise level a different summation order can move that parameter by up to ~lr
+    per step; everywhere else the runs agree to 1e-5 of the parameters' scale."""
+    diff, scale = np.abs(a - b), np.max(np.abs(b))
+    assert np.quantile(diff, 0.9999) <= 1e-5 * scale, np.quantile(diff, 0.9999)
+    assert diff.max() <= 0.05 * lr, diff.max()
 
 
 def test_eight_devices_data_and_fsdp_match_one_device(layouts):
