@@ -170,3 +170,19 @@ def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path):
     assert "diffusion.schedule='cosin'" in _error_line(proc)
     for d in "abcd":
         assert not (tmp_path / d / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", ["tiny", "fashion_mnist", "cifar10", "text_to_image_folder"])
+def test_experiment_configs_are_valid(name):
+    import importlib
+
+    from experiments.configs import validate_config
+
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    validate_config(config)
+    # Tuples stay tuples, so that they can be overridden on the command line.
+    assert isinstance(config.model.unet.channel_mult, tuple)
+    with config.unlocked():
+        config.training.bach_size = 3
+    with pytest.raises(ValueError, match="unknown config key 'training.bach_size'"):
+        validate_config(config)

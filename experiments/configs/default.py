@@ -14,9 +14,9 @@ from diffjax.models.unet import UNetConfig
 
 
 def unet_config(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
-    """All UNetConfig fields of a preset (so each can be overridden by flag), plus the preset's name."""
+    """All UNetConfig fields of a preset (so each can be overridden by flag, tuples as
+    ``--config.model.unet.channel_mult='(1,2,2)'``), plus the preset's name."""
     fields = dataclasses.asdict(UNetConfig.preset(preset, **overrides))
-    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fields.items()}
     # Filled from the text encoder when None (cross-attention width, pooled-embedding width).
     fields["context_dim"] = overrides.get("context_dim")
     fields["pooled_dim"] = None

@@ -17,7 +17,7 @@ def get_config():
     config.data.random_flip = True
     config.data.eval_split = "train[:2%]"
     config.data.train_split = "train[2%:]"
-    config.model.unet = default.unet_config("small", in_channels=3, channel_mult=[1, 2, 2, 4], dropout=0.1)
+    config.model.unet = default.unet_config("small", in_channels=3, channel_mult=(1, 2, 2, 4), dropout=0.1)
     config.text.encoder = "openai/clip-vit-base-patch32"
     config.text.pretrained = True
     config.text.trainable = False
