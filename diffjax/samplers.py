@@ -21,7 +21,6 @@ Scheduler arithmetic runs in float32 whatever dtype the network computes in.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import jax

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -31,9 +33,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffjax import losses
+from diffjax import losses, sharding
 from diffjax import schedules as sch
-from diffjax.models.unet import UNet, UNetConfig, unet_preset
+from diffjax.checkpoints import Checkpointer, abstract_with_shardings
+from diffjax.models.unet import UNet, unet_preset
 from diffjax.text import TextEncoder
 
 Array = jax.Array
@@ -250,8 +253,6 @@ class Trainer:
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh=None, image_shape=None):
-        from diffjax import sharding
-
         self.config = config
         if image_shape is None:
             if config.data.image_size and config.data.channels:
@@ -287,14 +288,10 @@ class Trainer:
 
     def shard_batch(self, local_batch: dict) -> dict:
         """This process's numpy batch → global arrays sharded over the mesh (only the model inputs)."""
-        from diffjax import sharding
-
         keys = ("image", "token_ids", "mask")
         return sharding.global_batch(self.mesh, {k: local_batch[k] for k in keys})
 
     def restore_target(self):
-        from diffjax.checkpoints import abstract_with_shardings
-
         return abstract_with_shardings(self.abstract_state, self.state_shardings)
 
     # --------------------------------------------------------------------------------------------------
@@ -302,13 +299,9 @@ class Trainer:
         """The whole run: resume from ``workdir``'s latest checkpoint if any, train to ``training.num_steps``
         with metrics (TensorBoard + progress bar), sample grids, held-out loss and checkpoints.
         ``stop_at`` ends the run early after that step, with a checkpoint (as a preemption would)."""
-        import os
-        import time
-
         from jax.experimental import multihost_utils
 
         from diffjax import pipeline
-        from diffjax.checkpoints import Checkpointer
         from diffjax.data import describe_dataset, make_dataset
 
         cfg, tc = self.config, self.config.training

@@ -1,6 +1,5 @@
 import contextlib
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp

@@ -109,7 +109,7 @@ def _data_source(builder, name: str, split: str):
     _check_split(builder, name, split)
     try:
         return builder.as_data_source(split=split)
-    except NotImplementedError as e:  # prepared as tfrecord: random access needs array_record/parquet
+    except NotImplementedError:  # prepared as tfrecord: random access needs array_record/parquet
         raise ValueError(
             f"tfds dataset {name!r} in {builder.data_dir} is stored as tfrecord, which tfds.data_source cannot "
             f"read: rebuild it with --file_format=array_record (or `tfds convert_format`)"
