@@ -382,6 +382,9 @@ class Trainer:
                         writer.scalar(f"train/{k}", v, step)
                     if bar is not None:
                         bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_second']:.0f}")
+                    else:
+                        logging.info("step %d: loss %.4f, %.2f s/step, %.0f images/s", step, m["loss"],
+                                     m["step_time"], m["images_per_second"])
             if tc.eval_every and step % tc.eval_every == 0:
                 evaluate(step)
             if tc.sample_every and (step % tc.sample_every == 0 or step == tc.num_steps):
