@@ -1,5 +1,6 @@
-"""The embedded default: captioned Fashion-MNIST at 28×28, a ~2.8M-parameter U-Net conditioned on a small CLIP
-text transformer trained from scratch (as LDM trained its text encoder), sized for a CPU budget.
+"""The embedded default: captioned Fashion-MNIST at 28×28, a ~0.94M-parameter U-Net conditioned on a tiny CLIP
+text transformer trained from scratch (as LDM trained its text encoder), sized for a CPU budget: about 1.9 s
+per step at batch 64 on 2 cores (the 'small' preset as is takes 4.2 s), so 600 steps take ~20 minutes.
 
     python -m experiments.main --config=experiments/configs/fashion_mnist.py --workdir=runs/fashion_mnist
 """
@@ -12,7 +13,8 @@ def get_config():
     config.data.name = "fashion_mnist"
     config.data.image_size = 28
     config.data.channels = 1
-    config.model.unet = default.unet_config("small", in_channels=1, dropout=0.0)
+    config.model.unet = default.unet_config("small", in_channels=1, dropout=0.0, channels=24, channel_mult=(1, 2, 2),
+                                            num_res_blocks=1, norm_groups=8)
     config.text.encoder = "tiny"  # 2 layers, width 32: plenty for ten classes in a few wordings
     config.text.max_length = 16  # the longest caption is 12 tokens
     config.text.trainable = True
@@ -24,11 +26,11 @@ def get_config():
     config.optim.warmup_steps = 100
     config.ema.decay = 0.999
     config.training.batch_size = 64
-    config.training.num_steps = 1500
+    config.training.num_steps = 600
     config.training.log_every = 25
-    config.training.eval_every = 500
-    config.training.sample_every = 500
-    config.training.checkpoint_every = 500
+    config.training.eval_every = 200
+    config.training.sample_every = 200
+    config.training.checkpoint_every = 200
     config.sampling.sampler = "dpmpp_2m"
     config.sampling.num_steps = 20
     config.sampling.guidance_scale = 3.0
