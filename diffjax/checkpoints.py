@@ -48,9 +48,6 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, step: int, state: Any, data_state: Any = None, config: Any = None, force: bool = False) -> bool:
         """Start saving (asynchronously); returns whether a save was started."""
         cfg = config.to_dict() if hasattr(config, "to_dict") else (config or {})
@@ -70,14 +67,6 @@ class Checkpointer:
                                                                  config=ocp.args.JsonRestore()))
         data = out.data if out.data else None
         return out.state, _decode_data_state(data), dict(out.config or {})
-
-    def restore_config(self, step: Optional[int] = None) -> dict:
-        """Only the config saved with ``step`` (default: the latest)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(out.config)
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""

@@ -162,6 +162,12 @@ def init_state(models: Models, image_shape: tuple[int, int, int], text_params: A
                       rng=state_rng, frozen=frozen)
 
 
+def _loss_options(dc: ml_collections.ConfigDict) -> dict:
+    """The ``losses.diffusion_loss`` options of ``config.diffusion``, shared by the train and eval steps."""
+    return dict(prediction_type=dc.prediction_type, weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma,
+                p2_gamma=dc.p2_gamma, p2_k=dc.p2_k)
+
+
 def _per_example_randomness(step_key: Array, index: Array, image_shape, num_timesteps: int, drop_prob):
     """t, ε and the condition-dropout flag of each example from fold_in(step_key, global index)."""
 
@@ -200,8 +206,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
             cond = encoder.encode(text_params, ids, mask, trainable=encoder.trainable)
             model_fn = models.denoiser(params["unet"], train=True, dropout_rng=dropout_key)
             out = losses.diffusion_loss(step_key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
-                                        prediction_type=dc.prediction_type, weighting=dc.loss_weighting,
-                                        min_snr_gamma=dc.min_snr_gamma, p2_gamma=dc.p2_gamma, p2_k=dc.p2_k)
+                                        **_loss_options(dc))
             return out.loss, out
 
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -234,8 +239,7 @@ def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callabl
                                           trainable=False)
         model_fn = models.denoiser(state.ema_params["unet"])
         return losses.diffusion_loss(key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
-                                     prediction_type=dc.prediction_type, weighting=dc.loss_weighting,
-                                     min_snr_gamma=dc.min_snr_gamma, p2_gamma=dc.p2_gamma, p2_k=dc.p2_k).loss
+                                     **_loss_options(dc)).loss
 
     return eval_step
 
