@@ -38,15 +38,27 @@ def _decode_data_state(data_state: Any) -> Any:
 class Checkpointer:
     """Save and restore (state, data iterator state, config) under ``directory`` (keeps the last N)."""
 
-    def __init__(self, directory: str, max_to_keep: Optional[int] = 3, async_save: bool = True):
+    def __init__(self, directory: str, max_to_keep: Optional[int] = 3, async_save: bool = True,
+                 create: bool = True):
         self.directory = os.path.abspath(os.path.expanduser(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                               create=True)
+                                               create=create, read_only=not create)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "config"))
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_config(self, step: Optional[int] = None) -> dict:
+        """The config saved with ``step`` (default: the latest), without reading the arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(out.config or {})
 
     def save(self, step: int, state: Any, data_state: Any = None, config: Any = None, force: bool = False) -> bool:
         """Start saving (asynchronously); returns whether a save was started."""

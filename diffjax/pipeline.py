@@ -1,19 +1,40 @@
 """Text-to-image generation from trained parameters: prompts → text states → guided sampling → uint8 images.
 
-``make_generate_fn`` returns one jitted function per (sampler, number of steps, image shape); the prompts'
-token ids, the seed and the guidance scale are arguments, so new prompts, seeds or scales reuse the
-compiled program.
+``Text2Image`` holds the networks, the schedule and the parameters of a run (``from_checkpoint(workdir)``
+rebuilds them from a training checkpoint alone) and offers the three pipelines users know from diffusers:
+
+* ``generate(prompts)``: text-to-image with classifier-free guidance (Ho & Salimans 2021) and an optional
+  negative prompt in place of the empty one;
+* ``img2img(prompts, image, strength)``: SDEdit (Meng et al. 2022): the image is forward-noised to the
+  noise level of step ``(1 - strength) · num_steps`` and denoised from there with the prompt;
+* ``inpaint(prompts, image, mask)``: the known pixels (mask 0) are re-imposed, forward-noised to the
+  current noise level, after every sampler step (the replacement method of Song et al. 2021 /
+  Lugmayr et al. 2022, without RePaint's resampling), so they come back exactly at the end.
+
+Each (sampler, steps, image size, pipeline, guided or not) is compiled once, as one ``lax.scan``; prompts,
+seeds, guidance scales and images are arguments. Prompts are processed in chunks of ``batch_size`` (a
+multiple of the device count), each chunk sharded over all devices along the batch. With
+``root, sampler_rng = split(PRNGKey(seed))``, example ``i`` of a call starts from ``normal(fold_in(root, i))``
+(and inpainting's noise at step j is ``normal(fold_in(fold_in(root, i), j + 1))``), so the same seed and
+prompts give the same images on any number of devices and in any chunking; only the stochastic samplers'
+per-step noise (``sampler_rng``, DDPM and DDIM with η > 0) is drawn per chunk.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import json
+import logging
+import math
+import os
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import guidance, samplers
+from diffjax import guidance, samplers, sharding
+
+Array = jax.Array
 
 
 def to_uint8(x: jax.Array) -> np.ndarray:
@@ -21,28 +42,268 @@ def to_uint8(x: jax.Array) -> np.ndarray:
     return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
 
 
-def make_generate_fn(models: Any, image_shape: tuple[int, int, int], *, sampler: str = "dpmpp_2m",
-                     num_steps: int = 25, prediction_type: str = "eps", **sampler_options) -> Callable:
-    """``generate(unet_params, text_params, token_ids, mask, uncond_ids, uncond_mask, rng, guidance_scale)``
-    → float32 images (B, H, W, C) in [-1, 1]: classifier-free guidance (one batched network call per step)
-    with predicted x0 clipped to [-1, 1] at every step."""
-    samplers.get_sampler(sampler)
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 images in [0, 255] → float32 in [-1, 1] (the inverse of ``to_uint8`` on the uint8 grid)."""
+    return np.asarray(images, np.float32) / 127.5 - 1.0
 
-    @jax.jit
-    def generate(unet_params, text_params, token_ids, mask, uncond_ids, uncond_mask, rng, guidance_scale):
-        encoder = models.text_encoder
-        cond = encoder.encode(text_params, token_ids, mask, trainable=False)
-        b = token_ids.shape[0]
-        uncond_ids = jnp.broadcast_to(uncond_ids, (b,) + uncond_ids.shape[1:])
-        uncond_mask = jnp.broadcast_to(uncond_mask, (b,) + uncond_mask.shape[1:])
-        uncond = encoder.encode(text_params, uncond_ids, uncond_mask, trainable=False)
-        model = guidance.classifier_free_guidance(models.denoiser(unet_params), cond, uncond, guidance_scale)
-        noise_rng, sample_rng = jax.random.split(rng)
-        x_T = jax.random.normal(noise_rng, (b,) + tuple(image_shape), jnp.float32)
-        return samplers.sample(model, x_T, models.schedule, sampler, num_steps, rng=sample_rng,
-                               prediction_type=prediction_type, denoised_fn=guidance.clip_x0, **sampler_options)
 
-    return generate
+def check_prompts(prompts: str | Sequence[str], what: str = "prompts") -> list[str]:
+    """A list of prompt strings (a single string is one prompt); a one-line ValueError otherwise."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (bytes, np.ndarray)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"{what} must be a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"{what} is empty: give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"{what}[{i}] is a {type(p).__name__} ({p!r:.40}), not a string")
+    return prompts
+
+
+class Text2Image:
+    """Text-to-image, image-to-image and inpainting with a trained diffjax U-Net and text encoder.
+
+    Args:
+      models: ``diffjax.train.Models`` (U-Net, text encoder, schedule).
+      unet_params, text_params: the parameters to sample with (usually the EMA ones).
+      image_shape: (H, W, C) the model was trained at (the default output size).
+      prediction_type: what the U-Net predicts (``eps``, ``x0`` or ``v``).
+      defaults: default ``sampler``, ``num_steps``, ``guidance_scale``, ``timestep_spacing``.
+      mesh: devices to shard each chunk's batch over (default: all devices on one ``data`` axis).
+    """
+
+    def __init__(self, models: Any, unet_params: Any, text_params: Any, image_shape: Sequence[int], *,
+                 prediction_type: str = "eps", sampler: str = "dpmpp_2m", num_steps: int = 25,
+                 guidance_scale: float = 3.0, timestep_spacing: Optional[str] = None, mesh=None):
+        self.models = models
+        self.unet_params, self.text_params = unet_params, text_params
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.prediction_type = prediction_type
+        self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
+        self.timestep_spacing = timestep_spacing
+        self.mesh = sharding.create_mesh(1) if mesh is None else mesh
+        self._compiled: dict[tuple, Any] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, workdir: str, step: Optional[int] = None, use_ema: bool = True, mesh=None,
+                        config_overrides: Optional[dict] = None) -> "Text2Image":
+        """The pipeline of the training run in ``workdir``: config, networks and (EMA) parameters from its
+        checkpoint at ``step`` (default: the latest). Needs nothing but the checkpoint (no dataset)."""
+        import ml_collections
+
+        from diffjax.checkpoints import Checkpointer
+        from diffjax.train import Trainer
+
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        ckpt = Checkpointer(ckpt_dir, create=False) if os.path.isdir(ckpt_dir) else None
+        if ckpt is None or ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {os.path.abspath(ckpt_dir)} (train first with "
+                                    f"--mode=train --workdir={workdir})")
+        step = ckpt.latest_step() if step is None else int(step)
+        if step not in ckpt.steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; steps: {ckpt.steps()}")
+        config = ml_collections.ConfigDict(ckpt.restore_config(step))
+        for key, value in (config_overrides or {}).items():
+            config[key] = value
+        mc = config.model.unet
+        size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
+        shape = (size, size, int(mc.in_channels))
+        trainer = Trainer(config, mesh=mesh, image_shape=shape)
+        state, _, _ = ckpt.restore(trainer.restore_target(), step)
+        ckpt.close()
+        params = state.ema_params if use_ema else state.params
+        text_params = params["text"] if "text" in params else state.frozen["text"]
+        sc = config.sampling
+        logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir, "EMA" if use_ema else "raw")
+        pipe = cls(trainer.models, params["unet"], text_params, shape, prediction_type=config.diffusion.prediction_type,
+                   sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
+                   timestep_spacing=sc.timestep_spacing, mesh=trainer.mesh)
+        pipe.config, pipe.step = config, step
+        return pipe
+
+    # ----------------------------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str], *, negative_prompt: str = "", sampler: Optional[str] = None,
+                 num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
+                 height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 64,
+                 progress: bool = False, **sampler_options) -> np.ndarray:
+        """uint8 images (N, H, W, C), one per prompt, sampled with classifier-free guidance
+        ε̃ = ε(x, ∅') + w (ε(x, c) - ε(x, ∅')), ∅' the negative prompt (default ""); w = 1 runs the
+        conditional model alone."""
+        shape = self._output_shape(height, width)
+        return self._run("txt2img", prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape,
+                         batch_size, progress, sampler_options)
+
+    def img2img(self, prompts: str | Sequence[str], image, *, strength: float = 0.75, negative_prompt: str = "",
+                sampler: Optional[str] = None, num_steps: Optional[int] = None,
+                guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 64,
+                progress: bool = False, **sampler_options) -> np.ndarray:
+        """SDEdit: ``image`` (uint8 (H, W, C) or (N, H, W, C), or float in [-1, 1]) noised to the level of step
+        N - ⌊strength · N⌋ and denoised with the prompts from there, as diffusers' img2img pipelines do.
+        ``strength`` 0 returns the image, 1 ignores it (plain text-to-image from the same seed)."""
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        prompts = check_prompts(prompts)
+        x0 = self._check_image(image, len(prompts), "image")
+        n = int(num_steps or self.defaults["num_steps"])
+        start = n - min(int(n * float(strength)), n)
+        return self._run("img2img", prompts, negative_prompt, sampler, n, guidance_scale, seed, x0.shape[1:],
+                         batch_size, progress, sampler_options, x0=x0, start_step=start)
+
+    def inpaint(self, prompts: str | Sequence[str], image, mask, *, negative_prompt: str = "",
+                sampler: Optional[str] = None, num_steps: Optional[int] = None,
+                guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 64,
+                progress: bool = False, **sampler_options) -> np.ndarray:
+        """Fill the pixels where ``mask`` is 1/True (diffusers' convention: white is repainted) and keep the
+        others exactly. ``mask``: (H, W), (H, W, 1) or (N, H, W[, 1]), bool or {0, 1} or uint8 {0, 255}."""
+        prompts = check_prompts(prompts)
+        x0 = self._check_image(image, len(prompts), "image")
+        fill = self._check_mask(mask, x0.shape)
+        return self._run("inpaint", prompts, negative_prompt, sampler, num_steps, guidance_scale, seed,
+                         x0.shape[1:], batch_size, progress, sampler_options, x0=x0, fill=fill)
+
+    # ----------------------------------------------------------------------------------------------
+    def _output_shape(self, height, width) -> tuple[int, int, int]:
+        h0, w0, c = self.image_shape
+        h, w = int(height or h0), int(width or w0)
+        factor = 2 ** (len(self.models.unet.config.channel_mult) - 1)
+        if h < 1 or w < 1 or h % factor or w % factor:
+            raise ValueError(f"height={h}, width={w}: both must be positive multiples of {factor} (the U-Net "
+                             f"downsamples {factor}x)")
+        return h, w, c
+
+    def _check_image(self, image, n: int, what: str) -> np.ndarray:
+        """float32 (n, H, W, C) in [-1, 1] from uint8 or float images; one line naming the problem otherwise."""
+        if hasattr(image, "mode") and hasattr(image, "size"):  # a PIL image
+            image = np.asarray(image)
+        x = np.asarray(image)
+        c = self.image_shape[2]
+        if x.ndim == 2 and c == 1:
+            x = x[..., None]
+        if x.ndim == 3:
+            x = x[None]
+        factor = 2 ** (len(self.models.unet.config.channel_mult) - 1)
+        if x.ndim != 4 or x.shape[-1] != c or x.shape[0] not in (1, n) or x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"{what} has shape {np.shape(image)}; expected (H, W, {c}) or ({n}, H, W, {c}) with H "
+                             f"and W multiples of {factor}")
+        if x.dtype == np.uint8:
+            x = from_uint8(x)
+        else:
+            x = np.asarray(x, np.float32)
+            if x.size and (x.min() < -1.0 - 1e-6 or x.max() > 1.0 + 1e-6):
+                raise ValueError(f"{what} is float with values in [{x.min():.3g}, {x.max():.3g}]; give uint8 "
+                                 f"in [0, 255] or float in [-1, 1]")
+        return np.broadcast_to(x, (n,) + x.shape[1:]).astype(np.float32)
+
+    @staticmethod
+    def _check_mask(mask, image_shape) -> np.ndarray:
+        n, h, w, c = image_shape
+        m = np.asarray(mask)
+        if m.ndim >= 3 and m.shape[-1] == 1:
+            m = m[..., 0]
+        if m.ndim == 2:
+            m = m[None]
+        if m.ndim != 3 or m.shape[1:] != (h, w) or m.shape[0] not in (1, n):
+            raise ValueError(f"mask has shape {np.shape(mask)}; expected ({h}, {w}), ({h}, {w}, 1) or "
+                             f"({n}, {h}, {w}) to match the image")
+        fill = m > (127 if m.dtype == np.uint8 and m.max() > 1 else 0)
+        return np.broadcast_to(fill[..., None], (n, h, w, c)).astype(bool)
+
+    def _compiled_fn(self, kind: str, sampler: str, num_steps: int, guided: bool, start_step: int,
+                     options: tuple) -> Any:
+        key = (kind, sampler, num_steps, guided, start_step, options)
+        if key in self._compiled:
+            return self._compiled[key]
+        samplers.get_sampler(sampler)
+        models, opts = self.models, dict(options)
+        if self.timestep_spacing and "timestep_spacing" not in opts:
+            opts["timestep_spacing"] = self.timestep_spacing
+
+        def run(unet_params, text_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale, x0, fill):
+            encoder = models.text_encoder
+            cond = encoder.encode(text_params, ids, mask, trainable=False)
+            denoiser = models.denoiser(unet_params)
+            if guided:
+                b = ids.shape[0]
+                neg = encoder.encode(text_params, jnp.broadcast_to(neg_ids, (b,) + neg_ids.shape[1:]),
+                                     jnp.broadcast_to(neg_mask, (b,) + neg_mask.shape[1:]), trainable=False)
+                model = guidance.classifier_free_guidance(denoiser, cond, neg, scale)
+            else:
+                def model(x, t):
+                    return denoiser(x, t, cond)
+
+            example_root, sampler_rng = jax.random.split(seed_key)
+            keys = jax.vmap(lambda i: jax.random.fold_in(example_root, i))(index)
+            x_T = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:]))(keys)
+            extra = {}
+            if kind == "img2img":
+                extra = dict(x0_init=x0, start_step=start_step)
+            elif kind == "inpaint":
+                def post_step(x, sc, sg, i):
+                    eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:]))(keys)
+                    return jnp.where(fill, x, sc * x0 + sg * eps)
+
+                extra = dict(post_step=post_step)
+            out = samplers.sample(model, x_T, models.schedule, sampler, num_steps, rng=sampler_rng,
+                                  prediction_type=self.prediction_type, denoised_fn=guidance.clip_x0, **opts, **extra)
+            return jnp.clip(out, -1.0, 1.0)
+
+        fn = jax.jit(run)
+        self._compiled[key] = fn
+        return fn
+
+    def _run(self, kind, prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape, batch_size,
+             progress, sampler_options, x0=None, fill=None, start_step=0) -> np.ndarray:
+        prompts = check_prompts(prompts)
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        sampler = sampler or self.defaults["sampler"]
+        num_steps = int(num_steps or self.defaults["num_steps"])
+        scale = float(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        n = len(prompts)
+        ndev = self.mesh.devices.size
+        chunk = max(ndev, -(-min(int(batch_size), n) // ndev) * ndev)
+        fn = self._compiled_fn(kind, sampler, num_steps, scale != 1.0, start_step,
+                               tuple(sorted(sampler_options.items())))
+        enc = self.models.text_encoder
+        ids, mask = enc.tokenize(prompts)
+        neg_ids, neg_mask = enc.tokenize([negative_prompt])
+        if x0 is None:
+            x0 = np.zeros((n,) + tuple(shape), np.float32)
+        if fill is None:
+            fill = np.ones(x0.shape, bool)
+        rows = np.arange(n)
+        batch_sh, rep = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+
+        def put(a, sh):
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
+
+        seed_key = jax.random.PRNGKey(int(seed))
+        out = []
+        starts = range(0, n, chunk)
+        if progress and len(starts) > 1 and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc=kind, unit="batch")
+        for s in starts:
+            take = np.minimum(np.arange(s, s + chunk), n - 1)  # pad the last chunk by repeating its last row
+            args = [put(a[take], batch_sh) for a in (ids, mask)]
+            args += [put(neg_ids, rep), put(neg_mask, rep), put(rows[take], batch_sh), seed_key,
+                     jnp.float32(scale), put(x0[take], batch_sh), put(fill[take], batch_sh)]
+            x = fn(self.unet_params, self.text_params, *args)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                x = multihost_utils.process_allgather(x, tiled=True)
+            out.append(to_uint8(x)[: min(chunk, n - s)])
+        return np.concatenate(out)
 
 
 def image_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
@@ -64,3 +325,17 @@ def save_image(image: np.ndarray, path: str, scale: int = 1) -> None:
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     img.save(path)
+
+
+def save_images(images: np.ndarray, directory: str, prompts: Sequence[str], prefix: str = "") -> list[str]:
+    """One PNG per image (``{prefix}{i:04d}.png``) and ``prompts.json`` mapping file → prompt."""
+    os.makedirs(directory, exist_ok=True)
+    paths, index = [], {}
+    for i, (img, p) in enumerate(zip(images, prompts)):
+        name = f"{prefix}{i:04d}.png"
+        save_image(img, os.path.join(directory, name))
+        paths.append(os.path.join(directory, name))
+        index[name] = p
+    with open(os.path.join(directory, f"{prefix}prompts.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return paths

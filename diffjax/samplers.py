@@ -158,6 +158,68 @@ def _validate(model_fn, x_T, schedule, num_steps, prediction_type):
     return _check_num_steps(num_steps, schedule.num_timesteps)
 
 
+
+# --------------------------------------------------------------------------------------------------------
+# Starting part-way (image-to-image) and per-step hooks (inpainting), shared by every sampler.
+# --------------------------------------------------------------------------------------------------------
+
+PostStepFn = Optional[Callable[[Array, Array, Array, Array], Array]]
+
+
+def _initial_state(x_T: Array, x0_init: Optional[Array], start_step: int, start_level, default_scale=1.0) -> Array:
+    """The state a sampler starts from. From the first step: ``default_scale · x_T`` (x_T standard normal).
+    From step k > 0 (SDEdit, Meng et al. 2022): ``x0_init`` forward-noised to the level of step k in the
+    sampler's own state space, ``scale · x0_init + σ · x_T`` with (scale, σ) = ``start_level(k)``."""
+    x_T = jnp.asarray(x_T, jnp.float32)
+    if start_step == 0:
+        return x_T * default_scale
+    if x0_init is None:
+        raise ValueError(f"start_step={start_step} needs x0_init, the image to start from")
+    if jnp.shape(x0_init) != x_T.shape:
+        raise ValueError(f"x0_init has shape {jnp.shape(x0_init)}, x_T has shape {x_T.shape}")
+    scale, sigma = start_level(start_step)
+    return scale * jnp.asarray(x0_init, jnp.float32) + sigma * x_T
+
+
+def _run_steps(body, carry, xs, levels, start_step: int, post_step: PostStepFn):
+    """``lax.scan`` of ``body(carry, step_inputs) -> carry`` over the steps ``start_step..N-1``.
+
+    ``levels`` = (scale, σ), each (N,): the state after step i is scale_i · x0 + σ_i · ε in the sampler's
+    state space (VP for DDPM/DDIM/DPM-Solver++, VE with scale 1 for Euler/Heun). After each step
+    ``post_step(x, scale_i, σ_i, i)`` may replace the state (inpainting: re-impose the known pixels at that
+    noise level, Lugmayr et al. 2022)."""
+    n = int(np.shape(levels[0])[0])
+    if not isinstance(start_step, (int, np.integer)) or not 0 <= start_step <= n:
+        raise ValueError(f"start_step must be an integer in [0, num_steps={n}], got {start_step!r}")
+    if start_step == n:
+        return carry
+    idx = jnp.arange(n)[start_step:]
+    scale = jnp.asarray(levels[0], jnp.float32)[start_step:]
+    sigma = jnp.asarray(levels[1], jnp.float32)[start_step:]
+    xs = jax.tree_util.tree_map(lambda a: a[start_step:], xs)
+
+    def step(c, inp):
+        step_in, (i, sc, sg) = inp
+        c = body(c, step_in)
+        if post_step is not None:
+            c = (post_step(c[0], sc, sg, i),) + tuple(c[1:]) if isinstance(c, tuple) else post_step(c, sc, sg, i)
+        return c, None
+
+    carry, _ = jax.lax.scan(step, carry, (xs, (idx, scale, sigma)))
+    return carry
+
+
+def _vp_levels(alphas_cumprod: Array) -> tuple[Array, Array]:
+    ab = jnp.asarray(alphas_cumprod, jnp.float32)
+    return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+
+
+def _alphas_cumprod_at(schedule: NoiseSchedule, ts, final: float = 1.0) -> Array:
+    """ᾱ at integer timesteps, with ᾱ_{-1} = ``final`` (after the last step)."""
+    ts = jnp.asarray(ts, jnp.int32)
+    return jnp.where(ts >= 0, schedule.alphas_cumprod[jnp.maximum(ts, 0)], final)
+
+
 # --------------------------------------------------------------------------------------------------------
 # DDPM (Ho et al. 2020), ancestral sampling on a subsequence of timesteps.
 # --------------------------------------------------------------------------------------------------------
@@ -199,23 +261,25 @@ def _prev_timesteps(ts: np.ndarray) -> np.ndarray:
 @register_sampler("ddpm")
 def ddpm(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int, *, rng: Array,
          prediction_type: str = "eps", timestep_spacing: str = "leading", steps_offset: int = 0,
-         variance_type: str = "fixed_small", denoised_fn: DenoisedFn = None) -> Array:
+         variance_type: str = "fixed_small", denoised_fn: DenoisedFn = None, start_step: int = 0,
+         x0_init: Optional[Array] = None, post_step: PostStepFn = None) -> Array:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) over ``num_steps`` spaced timesteps; with
     ``num_steps == T`` it is the original sampler. Matches diffusers' DDPMScheduler (``clip_sample`` there is
-    ``denoised_fn=guidance.clip_x0`` here)."""
+    ``denoised_fn=guidance.clip_x0`` here). ``start_step``/``x0_init``/``post_step``: see ``sample``."""
     num_steps = _validate(model_fn, x_T, schedule, num_steps, prediction_type)
     ts = spaced_timesteps(schedule.num_timesteps, num_steps, timestep_spacing, steps_offset)
-    xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(_prev_timesteps(ts), jnp.int32), jnp.arange(num_steps))
+    prev = _prev_timesteps(ts)
+    xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(prev, jnp.int32), jnp.arange(num_steps))
 
     def body(x, step):
         t, t_prev, i = step
         out = _call_model(model_fn, x, t)
         noise = step_noise(rng, i, x.shape)
         return ddpm_step(schedule, x, out, t, t_prev, noise, prediction_type=prediction_type,
-                         variance_type=variance_type, denoised_fn=denoised_fn), None
+                         variance_type=variance_type, denoised_fn=denoised_fn)
 
-    x, _ = jax.lax.scan(body, jnp.asarray(x_T, jnp.float32), xs)
-    return x
+    x = _initial_state(x_T, x0_init, start_step, lambda k: _vp_levels(_alphas_cumprod_at(schedule, ts[k])))
+    return _run_steps(body, x, xs, _vp_levels(_alphas_cumprod_at(schedule, prev)), start_step, post_step)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -252,12 +316,14 @@ def ddim_step(schedule: NoiseSchedule, x_t: Array, model_output: Array, t, t_pre
 @register_sampler("ddim")
 def ddim(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int, *, rng: Optional[Array] = None,
          eta=0.0, prediction_type: str = "eps", timestep_spacing: str = "leading", steps_offset: int = 0,
-         denoised_fn: DenoisedFn = None, final_alpha_cumprod: float = 1.0) -> Array:
+         denoised_fn: DenoisedFn = None, final_alpha_cumprod: float = 1.0, start_step: int = 0,
+         x0_init: Optional[Array] = None, post_step: PostStepFn = None) -> Array:
     """DDIM sampling (Song et al. 2021) with stochasticity η (a traced value: changing it does not recompile).
-    ``rng`` is needed only when η may be non-zero."""
+    ``rng`` is needed only when η may be non-zero. ``start_step``/``x0_init``/``post_step``: see ``sample``."""
     num_steps = _validate(model_fn, x_T, schedule, num_steps, prediction_type)
     ts = spaced_timesteps(schedule.num_timesteps, num_steps, timestep_spacing, steps_offset)
-    xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(_prev_timesteps(ts), jnp.int32), jnp.arange(num_steps))
+    prev = _prev_timesteps(ts)
+    xs = (jnp.asarray(ts, jnp.int32), jnp.asarray(prev, jnp.int32), jnp.arange(num_steps))
     eta = jnp.asarray(eta, jnp.float32)
     if rng is None:
         if not isinstance(eta, jax.core.Tracer) and float(eta) != 0.0:
@@ -269,10 +335,11 @@ def ddim(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int,
         out = _call_model(model_fn, x, t)
         noise = step_noise(rng, i, x.shape)
         return ddim_step(schedule, x, out, t, t_prev, noise, eta, prediction_type=prediction_type,
-                         denoised_fn=denoised_fn, final_alpha_cumprod=final_alpha_cumprod), None
+                         denoised_fn=denoised_fn, final_alpha_cumprod=final_alpha_cumprod)
 
-    x, _ = jax.lax.scan(body, jnp.asarray(x_T, jnp.float32), xs)
-    return x
+    x = _initial_state(x_T, x0_init, start_step, lambda k: _vp_levels(_alphas_cumprod_at(schedule, ts[k])))
+    levels = _vp_levels(_alphas_cumprod_at(schedule, prev, final_alpha_cumprod))
+    return _run_steps(body, x, xs, levels, start_step, post_step)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -338,16 +405,18 @@ def dpmpp_2m_step(x: Array, x0: Array, x0_prev: Array, sigma_prev, sigma, sigma_
 def dpmpp_2m(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int, *,
              rng: Optional[Array] = None, prediction_type: str = "eps", timestep_spacing: str = "linspace",
              steps_offset: int = 0, use_karras_sigmas: bool = False, rho: float = 7.0,
-             final_sigma: str = "zero", lower_order_final: bool = True, denoised_fn: DenoisedFn = None) -> Array:
+             final_sigma: str = "zero", lower_order_final: bool = True, denoised_fn: DenoisedFn = None,
+             start_step: int = 0, x0_init: Optional[Array] = None, post_step: PostStepFn = None) -> Array:
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order data-prediction solver, as diffusers'
     DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint"): the
     first step is first order, and so is the last when it ends at σ = 0 (or when ``lower_order_final`` and
-    fewer than 15 steps). Deterministic: ``rng`` is unused."""
+    fewer than 15 steps). Deterministic: ``rng`` is unused. Started part-way (``start_step``), the first step
+    taken is first order. ``start_step``/``x0_init``/``post_step``: see ``sample``."""
     del rng
     num_steps = _validate(model_fn, x_T, schedule, num_steps, prediction_type)
     ts, sigmas = dpm_solver_timesteps(schedule, num_steps, timestep_spacing, steps_offset, use_karras_sigmas,
                                       rho, final_sigma)
-    second = np.arange(num_steps) > 0
+    second = np.arange(num_steps) > start_step
     if final_sigma == "zero" or (lower_order_final and num_steps < 15):
         second[-1] = False
     sig_prev = np.concatenate([sigmas[:1], sigmas[:-2]])
@@ -359,10 +428,14 @@ def dpmpp_2m(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: 
         alpha, s_vp, _ = _vp_from_ve(s)
         out = _call_model(model_fn, x, t)
         x0 = _denoise(sch.x0_from_prediction(out, x, alpha, s_vp, prediction_type), denoised_fn)
-        return (dpmpp_2m_step(x, x0, x0_prev, s_prev, s, s_next, use_second), x0), None
+        return dpmpp_2m_step(x, x0, x0_prev, s_prev, s, s_next, use_second), x0
 
-    x = jnp.asarray(x_T, jnp.float32)
-    (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
+    def vp_level(sigma):
+        alpha, s_vp, _ = _vp_from_ve(jnp.asarray(sigma, jnp.float32))
+        return alpha, s_vp
+
+    x = _initial_state(x_T, x0_init, start_step, lambda k: vp_level(sigmas[k]))
+    x, _ = _run_steps(body, (x, jnp.zeros_like(x)), xs, vp_level(sigmas[1:]), start_step, post_step)
     return x
 
 
@@ -419,10 +492,12 @@ def _ve_denoiser(model_fn, prediction_type, denoised_fn):
 @register_sampler("euler")
 def euler(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int, *, rng: Optional[Array] = None,
           prediction_type: str = "eps", timestep_spacing: str = "linspace", steps_offset: int = 0,
-          use_karras_sigmas: bool = True, rho: float = 7.0, denoised_fn: DenoisedFn = None) -> Array:
+          use_karras_sigmas: bool = True, rho: float = 7.0, denoised_fn: DenoisedFn = None, start_step: int = 0,
+          x0_init: Optional[Array] = None, post_step: PostStepFn = None) -> Array:
     """Euler's method on the probability-flow ODE dx/dσ = (x - D(x; σ)) / σ (Karras et al. 2022, Alg. 1 with
     Euler steps), x_{i+1} = x_i + (σ_{i+1} - σ_i)(x_i - D(x_i; σ_i)) / σ_i, on Karras σ by default. Matches
-    diffusers' EulerDiscreteScheduler (s_churn = 0). Deterministic: ``rng`` is unused."""
+    diffusers' EulerDiscreteScheduler (s_churn = 0). Deterministic: ``rng`` is unused. The state is VE,
+    x = x0 + σ ε. ``start_step``/``x0_init``/``post_step``: see ``sample``."""
     del rng
     num_steps = _validate(model_fn, x_T, schedule, num_steps, prediction_type)
     ts, sigmas = euler_timesteps(schedule, num_steps, timestep_spacing, steps_offset, use_karras_sigmas, rho)
@@ -431,23 +506,24 @@ def euler(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int
 
     def body(x, step):
         t, s, s_next = step
-        return _euler_step(x, denoise(x, s, t), s, s_next), None
+        return _euler_step(x, denoise(x, s, t), s, s_next)
 
-    x = jnp.asarray(x_T, jnp.float32) * _init_sigma(sigmas, timestep_spacing)
-    x, _ = jax.lax.scan(body, x, xs)
-    return x
+    x = _initial_state(x_T, x0_init, start_step, lambda k: (1.0, sigmas[k]), _init_sigma(sigmas, timestep_spacing))
+    return _run_steps(body, x, xs, (np.ones(num_steps), sigmas[1:]), start_step, post_step)
 
 
 @register_sampler("heun")
 def heun(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int, *, rng: Optional[Array] = None,
          prediction_type: str = "eps", timestep_spacing: str = "linspace", steps_offset: int = 0,
-         use_karras_sigmas: bool = True, rho: float = 7.0, denoised_fn: DenoisedFn = None) -> Array:
+         use_karras_sigmas: bool = True, rho: float = 7.0, denoised_fn: DenoisedFn = None, start_step: int = 0,
+         x0_init: Optional[Array] = None, post_step: PostStepFn = None) -> Array:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1, S_churn = 0):
 
         d = (x_i - D(x_i; σ_i)) / σ_i,   x̃ = x_i + (σ_{i+1} - σ_i) d,
         x_{i+1} = x_i + (σ_{i+1} - σ_i) (d + (x̃ - D(x̃; σ_{i+1})) / σ_{i+1}) / 2     if σ_{i+1} > 0, else x̃.
 
-    2N - 1 model evaluations for N steps; matches diffusers' HeunDiscreteScheduler."""
+    2N - 1 model evaluations for N steps; matches diffusers' HeunDiscreteScheduler. The state is VE.
+    ``start_step``/``x0_init``/``post_step``: see ``sample``."""
     del rng
     num_steps = _validate(model_fn, x_T, schedule, num_steps, prediction_type)
     ts, sigmas = euler_timesteps(schedule, num_steps, timestep_spacing, steps_offset, use_karras_sigmas, rho)
@@ -465,11 +541,10 @@ def heun(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int,
             d, d_next = (x - x0) / s, (x_e - denoise(x_e, s_next, t_next)) / s_next
             return x_e + 0.5 * (s_next - s) * (d_next - d)
 
-        return jax.lax.cond(s_next > 0, correct, lambda x_e: x_e, x_euler), None
+        return jax.lax.cond(s_next > 0, correct, lambda x_e: x_e, x_euler)
 
-    x = jnp.asarray(x_T, jnp.float32) * _init_sigma(sigmas, timestep_spacing)
-    x, _ = jax.lax.scan(body, x, xs)
-    return x
+    x = _initial_state(x_T, x0_init, start_step, lambda k: (1.0, sigmas[k]), _init_sigma(sigmas, timestep_spacing))
+    return _run_steps(body, x, xs, (np.ones(num_steps), sigmas[1:]), start_step, post_step)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -482,6 +557,14 @@ def sample(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, sampler: str 
     """Run ``sampler`` (one of ``SAMPLERS``: ddpm, ddim, dpmpp_2m, euler, heun) for ``num_steps`` steps from the
     standard normal ``x_T`` and return x_0 in float32. ``options`` go to the sampler (``prediction_type``,
     ``timestep_spacing``, ``steps_offset``, ``eta``, ``denoised_fn``, ``use_karras_sigmas``, ...).
+
+    Every sampler also takes
+      ``start_step`` (static int, default 0) with ``x0_init``: skip the first ``start_step`` steps and start
+        from ``x0_init`` forward-noised with ``x_T`` to the noise level of step ``start_step`` (SDEdit,
+        Meng et al. 2022: image-to-image with strength 1 - start_step / num_steps); ``start_step =
+        num_steps`` returns ``x0_init`` unchanged, ``start_step = 0`` ignores it;
+      ``post_step(x, scale, σ, i) -> x``: applied to the state after step i, whose noise level is
+        x = scale · x0 + σ · ε in the sampler's state space (inpainting re-imposes the known pixels there).
 
     Wrap the call in ``jax.jit`` (with ``num_steps`` and ``sampler`` static) to compile it once: the result is
     a single ``lax.scan`` whose compile time does not grow with ``num_steps``.

@@ -303,8 +303,6 @@ class Trainer:
         """The whole run: resume from ``workdir``'s latest checkpoint if any, train to ``training.num_steps``
         with metrics (TensorBoard + progress bar), sample grids, held-out loss and checkpoints.
         ``stop_at`` ends the run early after that step, with a checkpoint (as a preemption would)."""
-        from jax.experimental import multihost_utils
-
         from diffjax import pipeline
         from diffjax.data import describe_dataset, make_dataset
 
@@ -332,21 +330,16 @@ class Trainer:
 
         writer = _SummaryWriter(os.path.join(workdir, "tensorboard")) if lead else None
         prompts = [p for p in cfg.sampling.prompts.split("|") if p] if cfg.sampling.prompts else info.prompts()
-        sample_fn = None
+        sc = cfg.sampling
+        sampler = pipeline.Text2Image(self.models, None, None, self.image_shape,
+                                      prediction_type=cfg.diffusion.prediction_type, sampler=sc.sampler,
+                                      num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
+                                      timestep_spacing=sc.timestep_spacing, mesh=self.mesh)
 
         def write_samples(step):
-            nonlocal sample_fn
-            if sample_fn is None:
-                sc = cfg.sampling
-                sample_fn = pipeline.make_generate_fn(self.models, self.image_shape, sampler=sc.sampler,
-                                                      num_steps=sc.num_steps,
-                                                      prediction_type=cfg.diffusion.prediction_type,
-                                                      timestep_spacing=sc.timestep_spacing)
-            n = cfg.sampling.images_per_prompt
-            ids, mask = enc.tokenize([p for p in prompts for _ in range(n)])
-            x = sample_fn(state.ema_params["unet"], state.text_params(ema=True), ids, mask, *self.uncond,
-                          jax.random.PRNGKey(cfg.seed + 1), cfg.sampling.guidance_scale)
-            images = pipeline.to_uint8(multihost_utils.process_allgather(x, tiled=True))
+            sampler.unet_params, sampler.text_params = state.ema_params["unet"], state.text_params(ema=True)
+            n = sc.images_per_prompt
+            images = sampler.generate([p for p in prompts for _ in range(n)], seed=cfg.seed + 1)
             if lead:
                 grid = pipeline.image_grid(images, rows=len(prompts))
                 os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)

@@ -1,7 +1,9 @@
-"""Runs a few training steps on simulated devices or processes; launched by tests/test_train.py.
+"""Runs a few training steps (or a generation) on simulated devices or processes; launched by
+tests/test_train.py and tests/test_pipeline.py.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py layouts OUT.npz
     python tests/train_worker.py process I N PORT OUT.npz      (one of N gloo processes, 2 devices each)
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py generate OUT.npz
 
 Every layout trains the tiny config on the same synthetic global batches; the test compares the results.
 """
@@ -125,9 +127,46 @@ def process(index, count, port, out_path):
     jax.distributed.shutdown()
 
 
+def perturbed(tree, seed=0, scale=0.1):
+    """``tree`` plus N(0, scale²) noise: the U-Net's zero-initialised output layers would make a freshly
+    initialised model predict ε = 0 whatever the prompt."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def random_text2image(mesh=None):
+    """The tiny config's U-Net and text encoder with perturbed random weights, as a Text2Image (8×8×1)."""
+    from diffjax.pipeline import Text2Image
+    from diffjax.train import build_models
+
+    config = tiny_config()
+    models, text_params = build_models(config)
+    x = jnp.zeros((1, 8, 8, 1))
+    h, length = models.text_encoder.hidden_size, models.text_encoder.max_length
+    unet_params = models.unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), jnp.zeros((1, length, h)),
+                                   jnp.ones((1, length), bool), pooled=jnp.zeros((1, h)))["params"]
+    sc = config.sampling
+    return Text2Image(models, perturbed(unet_params), perturbed(text_params, seed=1), (8, 8, 1),
+                      prediction_type=config.diffusion.prediction_type, sampler=sc.sampler, num_steps=sc.num_steps,
+                      guidance_scale=sc.guidance_scale, timestep_spacing=sc.timestep_spacing, mesh=mesh)
+
+
+def generate(out_path):
+    """12 images on all 8 devices (chunks of 8, each sharded one image per device)."""
+    assert jax.device_count() == 8
+    pipe = random_text2image()
+    prompts = ["a photo of a sneaker", "a dress", "an ankle boot", "a bag"]
+    images = pipe.generate([prompts[i % 4] for i in range(12)], seed=9, num_steps=3, batch_size=8)
+    np.savez(out_path, images=images, devices=np.array(pipe.mesh.devices.size))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if sys.argv[1] == "layouts":
         layouts(sys.argv[2])
+    elif sys.argv[1] == "generate":
+        generate(sys.argv[2])
     else:
         process(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
