@@ -1,46 +1,205 @@
 """Launch an experiment from an ml_collections config.
 
+    # train (resumes from the latest checkpoint in --workdir if there is one)
     python -m experiments.main --config=experiments/configs/fashion_mnist.py --workdir=runs/fmnist \
         [--config.training.batch_size=64 ...]
+    # the feature network of the Fashion-MNIST metrics
+    python -m experiments.main --mode=train_classifier --config=experiments/configs/fashion_mnist_classifier.py \
+        --workdir=runs/fashion_mnist_classifier
+    # metrics of a trained run: conditioning accuracy, Fréchet distance (+ FID / CLIP score with weights)
+    python -m experiments.main --mode=eval --workdir=runs/fmnist [--config=... --config.evaluation.images_per_class=100]
+    # images from prompts (text-to-image, or image-to-image with --init_image, inpainting with --mask)
+    python -m experiments.main --mode=sample --workdir=runs/fmnist --prompt="a sneaker" --prompt="a bag"
 
-``--mode=train`` (default) trains, resuming from the latest checkpoint in ``--workdir`` if there is one.
 Several processes (a TPU pod slice, or several GPU hosts) are joined through ``jax.distributed`` when the
 environment configures them (see ``diffjax.sharding.initialize_distributed``).
 """
 
+import json
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py).",
+config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py); --mode=eval "
+                                "reads only its 'evaluation' section (default: experiments/configs/default.py's).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and samples.")
-flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, samples and metrics.")
+flags.DEFINE_enum("mode", "train", ["train", "train_classifier", "eval", "sample"], "What to run.")
+flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat the flag for several).")
+flags.DEFINE_string("negative_prompt", "", "sample/eval: the prompt guidance steers away from.")
+flags.DEFINE_integer("num_images", 1, "sample: images per prompt.")
+flags.DEFINE_integer("seed", 0, "sample/eval: seed of the initial noise.")
+flags.DEFINE_string("sampler", None, "sample/eval: ddpm | ddim | dpmpp_2m | euler | heun (default: the run's).")
+flags.DEFINE_integer("num_steps", None, "sample/eval: sampler steps (default: the run's config.sampling).")
+flags.DEFINE_float("guidance_scale", None, "sample/eval: classifier-free guidance scale (default: the run's).")
+flags.DEFINE_enum("timestep_spacing", None, ["leading", "trailing", "linspace"],
+                  "sample/eval: sampler timestep spacing (default: the run's config.sampling).")
+flags.DEFINE_integer("step", None, "sample/eval: checkpoint step (default: the latest).")
+flags.DEFINE_string("init_image", None, "sample: image-to-image from this image file (SDEdit).")
+flags.DEFINE_float("strength", 0.75, "sample: image-to-image strength in [0, 1].")
+flags.DEFINE_string("mask", None, "sample: inpainting mask file (white = generate, black = keep init_image).")
+flags.DEFINE_string("out", None, "sample: output directory (default: WORKDIR/generated).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _fail(e: BaseException) -> None:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _sampling_kwargs() -> dict:
+    kw = {"sampler": FLAGS.sampler, "num_steps": FLAGS.num_steps, "guidance_scale": FLAGS.guidance_scale,
+          "negative_prompt": FLAGS.negative_prompt, "timestep_spacing": FLAGS.timestep_spacing}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def train(config) -> None:
+    from diffjax.data import describe_dataset
+    from diffjax.train import Trainer
+    from experiments.configs import validate_config
+
+    try:  # bad input fails here, in one line, before anything is compiled
+        validate_config(config)
+        describe_dataset(config.data, config.data.train_split)
+        trainer = Trainer(config)
+    except (ValueError, OSError) as e:  # OSError: a missing dataset directory or config file
+        _fail(e)
+    logging.info("config:\n%s", config)
+    trainer.train(FLAGS.workdir)
+
+
+def train_classifier(config) -> None:
+    from diffjax import evaluation
+    from diffjax.data import describe_dataset, validate_data_config
+
+    try:
+        validate_data_config(config.data)
+        describe_dataset(config.data, config.data.train_split)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    net = evaluation.train_classifier(config, FLAGS.workdir)
+    print(f"classifier test accuracy {net.test_accuracy:.4f}; saved in {FLAGS.workdir}")
+
+
+def _load_pipeline():
+    from diffjax.pipeline import Text2Image
+
+    ec = FLAGS.config.evaluation if FLAGS.config is not None and "evaluation" in FLAGS.config else None
+    use_ema = bool(ec.use_ema) if ec is not None else True
+    try:
+        return Text2Image.from_checkpoint(FLAGS.workdir, step=FLAGS.step, use_ema=use_ema)
+    except (ValueError, OSError) as e:
+        _fail(e)
+
+
+def evaluate() -> None:
+    from diffjax import evaluation, pipeline
+    from diffjax.data import validate_data_config
+    from diffjax.train import _SummaryWriter
+    from experiments.configs import default
+
+    ec = FLAGS.config.evaluation if FLAGS.config is not None else default.get_config().evaluation
+    pipe = _load_pipeline()
+    try:
+        data_config = validate_data_config(pipe.config.data)
+        classifier = evaluation.FeatureNet.from_checkpoint(ec.classifier_workdir)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    metrics, images, prompts = evaluation.evaluate_text2image(
+        pipe, data_config, classifier, images_per_class=int(ec.images_per_class), seed=FLAGS.seed,
+        batch_size=int(ec.batch_size), inception_weights=ec.inception_weights, clip_model=ec.clip_model,
+        **_sampling_kwargs())
+    metrics.update(step=pipe.step, sampler=FLAGS.sampler or pipe.defaults["sampler"],
+                   num_steps=FLAGS.num_steps or pipe.defaults["num_steps"],
+                   guidance_scale=pipe.defaults["guidance_scale"] if FLAGS.guidance_scale is None
+                   else FLAGS.guidance_scale, timestep_spacing=FLAGS.timestep_spacing or pipe.timestep_spacing)
+    out = os.path.join(FLAGS.workdir, "eval", f"step_{pipe.step:06d}")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    per_class = int(ec.images_per_class)
+    cols = min(per_class, 10)
+    n_classes = len(images) // per_class
+    grid_rows = images.reshape(n_classes, per_class, *images.shape[1:])[:, :cols]
+    grid = pipeline.image_grid(grid_rows.reshape(-1, *images.shape[1:]), rows=n_classes)
+    pipeline.save_image(grid, os.path.join(out, "grid.png"), scale=2)
+    writer = _SummaryWriter(os.path.join(FLAGS.workdir, "tensorboard"))
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            writer.scalar(f"eval/{key}", value, pipe.step)
+    writer.image("eval/grid", grid, pipe.step)
+    writer.close()
+    print(f"step {pipe.step}: conditioning accuracy {metrics['conditioning_accuracy']:.4f} "
+          f"(classifier on real test images {metrics['classifier_test_accuracy']:.4f}; relative "
+          f"{metrics['relative_conditioning_accuracy']:.4f}), Fréchet distance {metrics['fd']:.3f} "
+          f"(train-vs-test floor {metrics['fd_train_floor']:.3f})"
+          + (f", FID {metrics['fid']:.2f}" if "fid" in metrics else "")
+          + (f", CLIP score {metrics['clip_score']:.2f}" if "clip_score" in metrics else ""))
+    print(f"metrics: {os.path.join(out, 'metrics.json')}; grid: {os.path.join(out, 'grid.png')}")
+
+
+def _read_image(path: str):
+    import numpy as np
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    return np.asarray(Image.open(path))
+
+
+def sample() -> None:
+    from diffjax import pipeline
+
+    if not FLAGS.prompt:
+        _fail(ValueError("--mode=sample needs at least one --prompt"))
+    if FLAGS.num_images < 1:
+        _fail(ValueError(f"--num_images must be >= 1, got {FLAGS.num_images}"))
+    pipe = _load_pipeline()
+    prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
+    kw = dict(seed=FLAGS.seed, progress=True, **_sampling_kwargs())
+    try:
+        if FLAGS.mask and not FLAGS.init_image:
+            raise ValueError("--mask needs --init_image (the image whose unmasked pixels are kept)")
+        if FLAGS.init_image:
+            image = _read_image(FLAGS.init_image)
+            if image.ndim == 3 and image.shape[-1] != pipe.image_shape[-1]:
+                image = image[..., :1] if pipe.image_shape[-1] == 1 else image[..., :3]
+            if FLAGS.mask:
+                mask = _read_image(FLAGS.mask)
+                mask = mask[..., 0] if mask.ndim == 3 else mask
+                images = pipe.inpaint(prompts, image, mask, **kw)
+            else:
+                images = pipe.img2img(prompts, image, strength=FLAGS.strength, **kw)
+        else:
+            images = pipe.generate(prompts, **kw)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "generated")
+    paths = pipeline.save_images(images, out, prompts)
+    grid = pipeline.image_grid(images, rows=len(FLAGS.prompt))
+    pipeline.save_image(grid, os.path.join(out, "grid.png"), scale=2)
+    print(f"wrote {len(paths)} images and grid.png to {out}")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from diffjax import sharding
-    from diffjax.data import describe_dataset
-    from diffjax.train import Trainer
-    from experiments.configs import validate_config
 
     sharding.initialize_distributed()
-    config = FLAGS.config
-    try:  # bad input fails here, in one line, before anything is compiled
-        validate_config(config)
-        describe_dataset(config.data, config.data.train_split)
-        trainer = Trainer(config)
-    except (ValueError, OSError) as e:  # OSError: a missing dataset directory or config file
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    logging.info("config:\n%s", config)
+    if FLAGS.mode in ("train", "train_classifier") and FLAGS.config is None:
+        _fail(ValueError(f"--mode={FLAGS.mode} needs --config (see experiments/configs/)"))
     if FLAGS.mode == "train":
-        trainer.train(FLAGS.workdir)
+        train(FLAGS.config)
+    elif FLAGS.mode == "train_classifier":
+        train_classifier(FLAGS.config)
+    elif FLAGS.mode == "eval":
+        evaluate()
+    else:
+        sample()
 
 
 def parse_flags(argv):

@@ -86,5 +86,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.timestep_spacing = "trailing"  # leading | trailing | linspace
     config.sampling.prompts = ""  # '|'-separated prompts for sample grids ("" = one per class of the data)
     config.sampling.images_per_prompt = 4  # columns of the sample grid
+
+    config.evaluation = ml_collections.ConfigDict()  # --mode=eval (labelled datasets)
+    config.evaluation.classifier_workdir = "runs/fashion_mnist_classifier"  # feature network (--mode=train_classifier)
+    config.evaluation.images_per_class = 50  # images generated per class (prompts cycle the caption templates)
+    config.evaluation.batch_size = 100  # images generated per compiled call (a multiple of the device count)
+    config.evaluation.use_ema = True  # evaluate the EMA parameters
+    config.evaluation.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05 .pth file: also report FID
+    config.evaluation.clip_model = ""  # local dir or hub id of a CLIP model: also report the CLIP score
     return config
 

@@ -1,0 +1,205 @@
+"""Evaluation: the Fréchet distance against closed forms, the classifier's checkpoint round trip, the
+class-conditional evaluation of a pipeline, the CLIP score with a local model, and --mode=eval end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fakes import write_fake_fashion_mnist
+
+from diffjax import evaluation
+from diffjax.evaluation import FeatureStatistics, feature_statistics, frechet_distance
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 16))
+    assert frechet_distance(feature_statistics(f), feature_statistics(f)) == pytest.approx(0.0, abs=1e-9)
+    # 1-D: (μ1 - μ2)² + (σ1 - σ2)².
+    one = frechet_distance(FeatureStatistics(np.array([1.0]), np.array([[4.0]]), 2),
+                           FeatureStatistics(np.array([-2.0]), np.array([[9.0]]), 2))
+    assert one == pytest.approx(9.0 + 1.0, rel=1e-12)
+    # Commuting (diagonal) covariances: ‖Δμ‖² + Σ (√a - √b)².
+    a, b = rng.uniform(0.1, 3, 32), rng.uniform(0.1, 3, 32)
+    mu_a, mu_b = rng.normal(size=32), rng.normal(size=32)
+    want = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    got = frechet_distance(FeatureStatistics(mu_a, np.diag(a), 2), FeatureStatistics(mu_b, np.diag(b), 2))
+    assert got == pytest.approx(want, rel=1e-10)
+    # General covariances: tr(S1 + S2 - 2 (S1 S2)^{1/2}) with the principal square root (scipy), symmetric in
+    # its arguments, and invariant to a common rotation of the feature space.
+    from scipy import linalg
+
+    s1, s2 = _spd(rng, 24), _spd(rng, 24)
+    m1, m2 = rng.normal(size=24), rng.normal(size=24)
+    want = np.sum((m1 - m2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    got = frechet_distance(FeatureStatistics(m1, s1, 2), FeatureStatistics(m2, s2, 2))
+    assert got == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(FeatureStatistics(m2, s2, 2), FeatureStatistics(m1, s1, 2)) == pytest.approx(got, rel=1e-9)
+    q, _ = np.linalg.qr(rng.normal(size=(24, 24)))
+    rotated = frechet_distance(FeatureStatistics(q @ m1, q @ s1 @ q.T, 2), FeatureStatistics(q @ m2, q @ s2 @ q.T, 2))
+    assert rotated == pytest.approx(got, rel=1e-8)
+    # Rank-deficient covariances (fewer samples than dimensions) stay finite and exact: N(0, 0) vs N(0, I).
+    assert frechet_distance(FeatureStatistics(np.zeros(8), np.zeros((8, 8)), 2),
+                            FeatureStatistics(np.zeros(8), np.eye(8), 2)) == pytest.approx(8.0, rel=1e-12)
+
+
+def test_feature_statistics_of_samples_converge_to_the_gaussian():
+    rng = np.random.default_rng(1)
+    d = 8
+    sigma = _spd(rng, d)
+    mu = rng.normal(size=d)
+    x = rng.multivariate_normal(mu, sigma, size=200_000)
+    stats = feature_statistics(x)
+    np.testing.assert_allclose(stats.mu, mu, atol=0.02)
+    np.testing.assert_allclose(stats.sigma, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    assert frechet_distance(stats, FeatureStatistics(mu, sigma, 2)) < 1e-3
+    with pytest.raises(ValueError, match="features must be"):
+        feature_statistics(np.zeros((1, 3)))
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    from experiments.configs import fashion_mnist_classifier
+
+    idx = tmp_path_factory.mktemp("idx")
+    write_fake_fashion_mnist(str(idx), n_train=60, n_test=20)
+    config = fashion_mnist_classifier.get_config()
+    config.data.manual_dir = str(idx)
+    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config.data.image_size = 8
+    config.training.batch_size = 20
+    config.training.num_epochs = 2
+    config.data.num_threads = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(fake_data, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("classifier"))
+    proc = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=train_classifier",
+                           "--config=experiments/configs/fashion_mnist_classifier.py", f"--workdir={workdir}",
+                           f"--config.data.manual_dir={fake_data.data.manual_dir}",
+                           f"--config.data.data_dir={fake_data.data.data_dir}", "--config.data.image_size=8",
+                           "--config.training.batch_size=20", "--config.training.num_epochs=2"],
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "classifier test accuracy" in proc.stdout
+    return workdir
+
+
+def test_classifier_checkpoint_round_trip(fake_data, classifier_dir, tmp_path):
+    net = evaluation.FeatureNet.from_checkpoint(classifier_dir)
+    images, labels = evaluation.load_split(fake_data.data, "test")
+    assert images.shape == (20, 8, 8, 1) and images.min() >= -1 and images.max() <= 1
+    logits, feats = net.logits_and_features(images)
+    assert logits.shape == (20, 10) and feats.shape == (20, 128)
+    with open(os.path.join(classifier_dir, "metrics.json")) as f:
+        assert json.load(f)["test_accuracy"] == pytest.approx(net.accuracy(images, labels)) == net.test_accuracy
+    # Chunked evaluation (padding the last chunk) gives the same numbers as one batch.
+    chunked, _ = net.logits_and_features(images, batch_size=7)
+    np.testing.assert_allclose(chunked, logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no classifier checkpoint") as e:
+        evaluation.FeatureNet.from_checkpoint(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_evaluate_text2image_metrics(fake_data, classifier_dir):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from train_worker import random_text2image
+
+    pipe = random_text2image()
+    net = evaluation.FeatureNet.from_checkpoint(classifier_dir)
+    metrics, images, prompts = evaluation.evaluate_text2image(pipe, fake_data.data, net, images_per_class=2,
+                                                              batch_size=10, num_steps=2, progress=False)
+    assert images.shape == (20, 8, 8, 1) and len(prompts) == 20
+    # Prompts: two per class, label order, cycling the caption templates.
+    assert prompts[:2] == ["a photo of a t-shirt", "a t-shirt"] and prompts[-1] == "an ankle boot"
+    pred = np.argmax(net.logits_and_features(images)[0], -1)
+    labels = np.repeat(np.arange(10), 2)
+    assert metrics["conditioning_accuracy"] == pytest.approx(np.mean(pred == labels))
+    assert metrics["relative_conditioning_accuracy"] == pytest.approx(
+        metrics["conditioning_accuracy"] / metrics["classifier_test_accuracy"])
+    assert metrics["fd"] > 0 and metrics["fd_train_floor"] > 0
+    from diffjax.data import describe_dataset
+
+    assert list(metrics["per_class_accuracy"]) == list(describe_dataset(fake_data.data).class_names)
+
+
+def test_eval_command_writes_metrics(fake_data, classifier_dir, tmp_path):
+    """--mode=eval on a checkpoint: metrics JSON, grid PNG, TensorBoard events, the summary line."""
+    from diffjax.checkpoints import Checkpointer
+    from diffjax.train import Trainer
+    from experiments.configs import tiny
+
+    config = tiny.get_config()
+    config.data.manual_dir, config.data.data_dir = fake_data.data.manual_dir, fake_data.data.data_dir
+    trainer = Trainer(config, image_shape=(8, 8, 1))
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(4, trainer.init(), None, config)
+    ckpt.close()
+    proc = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=eval", f"--workdir={tmp_path}",
+                           "--config=experiments/configs/tiny.py", f"--config.evaluation.classifier_workdir={classifier_dir}",
+                           "--config.evaluation.images_per_class=1", "--config.evaluation.batch_size=10",
+                           "--num_steps=2"],
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 4: conditioning accuracy" in proc.stdout
+    out = tmp_path / "eval" / "step_000004"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 10 and metrics["num_steps"] == 2 and metrics["step"] == 4
+    assert (out / "grid.png").is_file() and os.listdir(tmp_path / "tensorboard")
+    proc = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=eval", f"--workdir={tmp_path}",
+                           "--config=experiments/configs/tiny.py", f"--config.evaluation.classifier_workdir={tmp_path}/none"],
+                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no classifier checkpoint")
+
+
+def test_clip_score_with_a_local_model(tmp_path):
+    """The CLIP score's loading code on a small CLIP initialised from a config and saved locally, checked
+    against the model's own embeddings."""
+    import jax.numpy as jnp
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPProcessor, FlaxCLIPModel
+
+    from diffjax.text import TextEncoder
+
+    encoder, _ = TextEncoder.from_config("tiny", max_length=16)
+    text_dir = tmp_path / "tok"
+    encoder.tokenizer.save_pretrained(str(text_dir))
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8),
+                        projection_dim=16)
+    model = FlaxCLIPModel(config, seed=0)
+    clip_dir = str(tmp_path / "clip")
+    model.save_pretrained(clip_dir)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=encoder.tokenizer).save_pretrained(clip_dir)
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    prompts = ["a sneaker", "a bag", "a dress"]
+    score = evaluation.clip_score(images, prompts, clip_dir, batch_size=2)
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    inputs = processor(text=prompts, images=list(np.repeat(images, 3, -1)), return_tensors="np",
+                       padding="max_length", truncation=True, max_length=16)
+    e_i = model.get_image_features(pixel_values=inputs["pixel_values"])
+    e_t = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    cos = jnp.sum(e_i * e_t, -1) / (jnp.linalg.norm(e_i, axis=-1) * jnp.linalg.norm(e_t, axis=-1))
+    assert score == pytest.approx(float(jnp.mean(100 * jnp.maximum(cos, 0))), rel=1e-5)
+    with pytest.raises(ValueError, match="3 images but 2 prompts"):
+        evaluation.clip_score(images, prompts[:2], clip_dir)
