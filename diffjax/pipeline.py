@@ -149,7 +149,10 @@ class Text2Image:
         x0 = self._check_image(image, len(prompts), "image")
         n = int(num_steps or self.defaults["num_steps"])
         start = n - min(int(n * float(strength)), n)
-        return self._run("img2img", prompts, negative_prompt, sampler, n, guidance_scale, seed, x0.shape[1:],
+        if start == n:  # strength 0 (or < 1/n): no step to take, the image itself
+            return to_uint8(x0)
+        kind = "txt2img" if start == 0 else "img2img"  # strength 1: from pure noise, the image is unused
+        return self._run(kind, prompts, negative_prompt, sampler, n, guidance_scale, seed, x0.shape[1:],
                          batch_size, progress, sampler_options, x0=x0, start_step=start)
 
     def inpaint(self, prompts: str | Sequence[str], image, mask, *, negative_prompt: str = "",

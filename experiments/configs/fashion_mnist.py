@@ -19,7 +19,9 @@ def get_config():
     config.text.max_length = 16  # the longest caption is 12 tokens
     config.text.trainable = True
     config.diffusion.schedule = "cosine"
-    config.diffusion.prediction_type = "eps"
+    # v (Salimans & Ho 2022): with ε-prediction the first steps from ᾱ ≈ 0 turn small ε errors into large x̂0
+    # errors (x̂0 = (x - σ ε̂) / α), which left salt-and-pepper samples at this budget; v keeps x̂0 = α x - σ v̂.
+    config.diffusion.prediction_type = "v"
     config.diffusion.loss_weighting = "min_snr"
     config.diffusion.cond_drop_prob = 0.1
     config.optim.learning_rate = 1e-3
@@ -33,6 +35,7 @@ def get_config():
     config.training.checkpoint_every = 200
     config.sampling.sampler = "dpmpp_2m"
     config.sampling.num_steps = 20
-    config.sampling.guidance_scale = 3.0
+    config.sampling.guidance_scale = 5.0  # conditioning accuracy 0.75 at w=5 vs 0.66 at w=3 (600 steps, v)
     config.sampling.images_per_prompt = 6
+    config.evaluation.images_per_class = 30  # 300 images: ~2.5 min to generate on 2 cores
     return config
