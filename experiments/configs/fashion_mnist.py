@@ -1,6 +1,7 @@
 """The embedded default: captioned Fashion-MNIST at 28×28, a ~0.94M-parameter U-Net conditioned on a tiny CLIP
-text transformer trained from scratch (as LDM trained its text encoder), sized for a CPU budget: about 1.9 s
-per step at batch 64 on 2 cores (the 'small' preset as is takes 4.2 s), so 600 steps take 20-30 minutes (the machine's speed varies).
+text transformer trained from scratch (as LDM trained its text encoder), sized for a CPU budget: 1.9-3 s per
+step at batch 64 on 2 cores, depending on the day's machine (the 'small' preset takes ~2x), so 600 steps take
+20-30 minutes.
 
     python -m experiments.main --config=experiments/configs/fashion_mnist.py --workdir=runs/fashion_mnist
 """
