@@ -46,6 +46,17 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "config"))
 
+    @classmethod
+    def existing(cls, directory: str) -> Optional["Checkpointer"]:
+        """A read-only Checkpointer of ``directory`` if it holds at least one checkpoint, else None."""
+        if not os.path.isdir(directory):
+            return None
+        ckpt = cls(directory, create=False)
+        if ckpt.latest_step() is None:
+            ckpt.close()
+            return None
+        return ckpt
+
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 

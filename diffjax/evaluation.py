@@ -160,8 +160,8 @@ class FeatureNet:
         from diffjax.checkpoints import Checkpointer
 
         ckpt_dir = os.path.join(workdir, "checkpoints")
-        ckpt = Checkpointer(ckpt_dir, create=False) if os.path.isdir(ckpt_dir) else None
-        if ckpt is None or ckpt.latest_step() is None:
+        ckpt = Checkpointer.existing(ckpt_dir)
+        if ckpt is None:
             raise FileNotFoundError(f"no classifier checkpoint in {os.path.abspath(ckpt_dir)} (train one with "
                                     f"--mode=train_classifier --config=experiments/configs/fashion_mnist_classifier.py)")
         config = ml_collections.ConfigDict(ckpt.restore_config())

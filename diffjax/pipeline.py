@@ -98,8 +98,8 @@ class Text2Image:
         from diffjax.train import Trainer
 
         ckpt_dir = os.path.join(workdir, "checkpoints")
-        ckpt = Checkpointer(ckpt_dir, create=False) if os.path.isdir(ckpt_dir) else None
-        if ckpt is None or ckpt.latest_step() is None:
+        ckpt = Checkpointer.existing(ckpt_dir)
+        if ckpt is None:
             raise FileNotFoundError(f"no checkpoint in {os.path.abspath(ckpt_dir)} (train first with "
                                     f"--mode=train --workdir={workdir})")
         step = ckpt.latest_step() if step is None else int(step)
@@ -168,10 +168,15 @@ class Text2Image:
                          x0.shape[1:], batch_size, progress, sampler_options, x0=x0, fill=fill)
 
     # ----------------------------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the U-Net's total downsampling."""
+        return 2 ** (len(self.models.unet.config.channel_mult) - 1)
+
     def _output_shape(self, height, width) -> tuple[int, int, int]:
         h0, w0, c = self.image_shape
         h, w = int(height or h0), int(width or w0)
-        factor = 2 ** (len(self.models.unet.config.channel_mult) - 1)
+        factor = self.size_multiple
         if h < 1 or w < 1 or h % factor or w % factor:
             raise ValueError(f"height={h}, width={w}: both must be positive multiples of {factor} (the U-Net "
                              f"downsamples {factor}x)")
@@ -187,7 +192,7 @@ class Text2Image:
             x = x[..., None]
         if x.ndim == 3:
             x = x[None]
-        factor = 2 ** (len(self.models.unet.config.channel_mult) - 1)
+        factor = self.size_multiple
         if x.ndim != 4 or x.shape[-1] != c or x.shape[0] not in (1, n) or x.shape[1] % factor or x.shape[2] % factor:
             raise ValueError(f"{what} has shape {np.shape(image)}; expected (H, W, {c}) or ({n}, H, W, {c}) with H "
                              f"and W multiples of {factor}")
