@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax.models.unet import conv_general_dilated
+
 
 class ImageClassifier(nn.Module):
     """``apply(params, images) -> (logits (B, num_classes), features (B, feature_dim))``; images in [-1, 1]."""
@@ -28,7 +30,7 @@ class ImageClassifier(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         h = jnp.asarray(x, jnp.float32)
         for ch in self.channels:
-            h = nn.Conv(ch, (3, 3), padding="SAME")(h)
+            h = nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), conv_general_dilated=conv_general_dilated())(h)
             h = nn.silu(nn.GroupNorm(num_groups=min(self.norm_groups, ch))(h))
             h = nn.avg_pool(h, (2, 2), strides=(2, 2))
         h = h.reshape(h.shape[0], -1)
