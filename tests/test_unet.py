@@ -180,9 +180,11 @@ def test_remat_gives_the_same_loss_and_gradients():
 @pytest.mark.parametrize(
     "shape, kernel, padding",
     [
-        ((3, 15, 9, 2, 4), 3, ((1, 1), (1, 1))),  # 2 bands of 7 and 8 rows
-        ((2, 29, 6, 3, 2), 5, ((2, 2), (2, 2))),  # 4 bands, 5x5 kernel (4 halo rows per band)
-        ((2, 16, 5, 2, 3), 3, ((0, 2), (1, 0))),  # asymmetric padding: 16 output rows, 2 bands
+        ((3, 15, 9, 2, 4), (3, 3), ((1, 1), (1, 1))),  # 2 bands of 7 and 8 rows
+        ((2, 29, 6, 3, 2), (5, 5), ((2, 2), (2, 2))),  # 4 bands, 5x5 kernel (4 halo rows per band)
+        ((2, 16, 5, 2, 3), (3, 3), ((0, 2), (1, 0))),  # asymmetric padding: 16 output rows, 2 bands
+        ((2, 17, 6, 2, 3), (5, 3), ((3, 1), (1, 1))),  # 5x3 kernel, more padding on top: 2 bands
+        ((2, 20, 4, 2, 2), (4, 4), ((3, 1), (0, 0))),  # even kernel, 20 output rows of 20, 3 bands
     ],
 )
 def test_banded_conv_gives_xla_values_and_gradients(shape, kernel, padding):
@@ -190,7 +192,7 @@ def test_banded_conv_gives_xla_values_and_gradients(shape, kernel, padding):
     b, h, w, c, d = shape
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((b, h, w, c), np.float32))
-    k = jnp.asarray(rng.standard_normal((kernel, kernel, c, d), np.float32))
+    k = jnp.asarray(rng.standard_normal((*kernel, c, d), np.float32))
 
     def xla(x, k):
         return jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))

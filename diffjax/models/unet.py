@@ -417,11 +417,12 @@ def _banded_conv_bwd(padding, precision, res, g):
     xp = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
     n = max(1, round(rows / _BAND_ROWS))
     edges = [round(k * rows / n) for k in range(n + 1)]
-    dw = jnp.zeros(w.shape, jnp.float32)
+    acc = jnp.promote_types(w.dtype, jnp.float32)  # the bands' partial sums, added in at least float32
+    dw = jnp.zeros(w.shape, acc)
     for r0, r1 in zip(edges[:-1], edges[1:]):
         band = xp[:, r0:r1 + kh - 1]
         part = jax.vjp(lambda w_: _conv_nhwc(band, w_, ((0, 0), horizontal), precision), w)[1](g[:, r0:r1])[0]
-        dw = dw + part.astype(jnp.float32)
+        dw = dw + part.astype(acc)
     return dx, dw.astype(w.dtype)
 
 
@@ -438,9 +439,10 @@ def conv_general_dilated(impl: Optional[str] = None):
              feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None):
         plain = (
             impl == "banded" and lhs.ndim == 4 and rhs.shape[0] > 1 and tuple(window_strides) == (1, 1)
-            and not isinstance(padding, str) and feature_group_count == 1 and batch_group_count == 1
+            and not isinstance(padding, str) and all(p >= 0 for pair in padding for p in pair)
+            and feature_group_count == 1 and batch_group_count == 1
             and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-            and preferred_element_type is None
+            and preferred_element_type is None and dimension_numbers is not None
             and tuple(dimension_numbers) == tuple(jax.lax.conv_dimension_numbers(
                 lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
         )
