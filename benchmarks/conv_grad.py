@@ -15,7 +15,6 @@ with the ratio xla / banded (> 1: banded is faster). Results are recorded in ben
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -80,21 +79,12 @@ def layers(rounds: int, n: int) -> None:
 def step(config_path: str, rounds: int, n: int, sets: list[str]) -> None:
     from diffjax.data import make_dataset
     from diffjax.train import Trainer
+    from experiments.configs import load_config
 
-    spec = importlib.util.spec_from_file_location("config", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     runs = {}
     batch = None
     for impl in ("xla", "banded"):
-        config = module.get_config()
-        for item in sets:
-            key, value = item.split("=", 1)
-            *path, name = key.split(".")
-            section = config
-            for p in path:
-                section = section[p]
-            section[name] = eval(value, {}) if value[:1] in "([" else type(section[name])(value)  # noqa: S307
+        config = load_config(config_path, sets)
         config.model.unet.conv_impl = impl
         trainer = Trainer(config)
         state = trainer.init()

@@ -34,29 +34,17 @@ def main() -> None:
                         help="override a config key, e.g. --set data.num_threads=1 (repeatable)")
     args = parser.parse_args()
 
-    import importlib.util
-
     import jax
 
     from diffjax.data import make_dataset
     from diffjax.train import Trainer
-    from experiments.configs import default
+    from experiments.configs import default, load_config
 
-    spec = importlib.util.spec_from_file_location("config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(args.config, args.set)
     if args.unet:
         config.model.unet = default.unet_config(args.unet, in_channels=config.data.channels)
     if args.batch_size:
         config.training.batch_size = args.batch_size
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *path, name = key.split(".")
-        section = config
-        for p in path:
-            section = section[p]
-        section[name] = type(section[name])(value)
     trainer = Trainer(config)
     state = trainer.init()
     it = make_dataset(config.data, trainer.models.text_encoder, split=config.data.train_split, seed=0,

@@ -185,3 +185,21 @@ def test_experiment_configs_are_valid(name):
         config.training.bach_size = 3
     with pytest.raises(ValueError, match="unknown config key 'training.bach_size'"):
         validate_config(config)
+
+
+def test_load_config_applies_typed_overrides_and_rejects_unknown_keys():
+    from experiments.configs import load_config, validate_config
+
+    config = load_config("experiments/configs/fashion_mnist.py", [
+        "optim.learning_rate=1", "model.unet.attention_levels=(1, 2)", "diffusion.prediction_type=eps",
+        "training.progress_bar=False", "data.num_threads=0",
+    ])
+    validate_config(config)
+    assert config.optim.learning_rate == 1.0 and isinstance(config.optim.learning_rate, float)
+    assert config.model.unet.attention_levels == (1, 2)
+    assert config.diffusion.prediction_type == "eps"
+    assert config.training.progress_bar is False
+    assert config.data.num_threads == 0
+    for bad in ("training.bach_size=3", "nosection.key=1", "training.batch_size"):
+        with pytest.raises(ValueError, match="expected KEY=VALUE with a key of the config"):
+            load_config("experiments/configs/fashion_mnist.py", [bad])

@@ -1,4 +1,9 @@
-"""Experiment configs; ``validate_config`` checks any of them (and command-line overrides) before a run."""
+"""Experiment configs; ``validate_config`` checks any of them (and command-line overrides) before a run;
+``load_config`` reads one from its file with ``KEY=VALUE`` overrides (for scripts without absl flags)."""
+
+import ast
+import importlib.util
+from typing import Iterable
 
 import ml_collections
 
@@ -49,3 +54,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.ema.decay < 1.0:
         raise ValueError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
     validate_data_config(config.data)
+
+
+def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """``get_config()`` of the config file at ``path``, then each ``"section.key=value"`` override applied.
+
+    A value is read as a Python literal when it is one (``3e-3``, ``(2,)``, ``False``), else as a string
+    (``eps``); an int given for a float key becomes a float. An unknown key raises a one-line ValueError."""
+    spec = importlib.util.spec_from_file_location("config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        *path_keys, name = key.split(".")
+        section = config
+        for part in path_keys:
+            section = section.get(part) if isinstance(section, ml_collections.ConfigDict) else None
+        if not sep or not isinstance(section, ml_collections.ConfigDict) or name not in section:
+            raise ValueError(f"override {item!r}: expected KEY=VALUE with a key of the config, e.g. "
+                             f"training.batch_size=32")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(section[name], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        section[name] = value
+    return config
