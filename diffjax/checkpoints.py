@@ -91,6 +91,17 @@ class Checkpointer:
         data = out.data if out.data else None
         return out.state, _decode_data_state(data), dict(out.config or {})
 
+    def restore_subtree(self, abstract_subtree: dict, step: Optional[int] = None) -> dict:
+        """Only the parts of the saved state named in ``abstract_subtree`` (e.g. ``{"ema_params": ...,
+        "frozen": ...}``, leaves ``jax.ShapeDtypeStruct`` with target shardings), read with orbax's partial
+        restore: the other arrays (optimizer moments, raw parameters) are neither read nor allocated."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+        args = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
+
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
         self.manager.wait_until_finished()

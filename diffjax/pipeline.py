@@ -22,6 +22,7 @@ per-step noise (``sampler_rng``, DDPM and DDIM with η > 0) is drawn per chunk.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -33,6 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import guidance, samplers, sharding
+from diffjax.checkpoints import abstract_with_shardings
+from diffjax.models import factory
+from diffjax.models.factory import Models
+from diffjax.text import check_prompts
 
 Array = jax.Array
 
@@ -47,55 +52,53 @@ def from_uint8(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
-def check_prompts(prompts: str | Sequence[str], what: str = "prompts") -> list[str]:
-    """A list of prompt strings (a single string is one prompt); a one-line ValueError otherwise."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, (bytes, np.ndarray)) or not isinstance(prompts, Sequence):
-        raise ValueError(f"{what} must be a string or a list of strings, got {type(prompts).__name__}")
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError(f"{what} is empty: give at least one prompt")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise ValueError(f"{what}[{i}] is a {type(p).__name__} ({p!r:.40}), not a string")
-    return prompts
-
-
 class Text2Image:
     """Text-to-image, image-to-image and inpainting with a trained diffjax U-Net and text encoder.
 
     Args:
-      models: ``diffjax.train.Models`` (U-Net, text encoder, schedule).
+      models: ``diffjax.models.factory.Models`` (U-Net, text encoder, schedule and prediction type).
       unet_params, text_params: the parameters to sample with (usually the EMA ones).
       image_shape: (H, W, C) the model was trained at (the default output size).
-      prediction_type: what the U-Net predicts (``eps``, ``x0`` or ``v``).
-      defaults: default ``sampler``, ``num_steps``, ``guidance_scale``, ``timestep_spacing``.
+      sampler, num_steps, guidance_scale, timestep_spacing: the defaults of every call.
       mesh: devices to shard each chunk's batch over (default: all devices on one ``data`` axis).
+
+    Build one with :meth:`from_pretrained` (a model folder written by :meth:`save_pretrained`) or
+    :meth:`from_checkpoint` (a training run's workdir).
     """
 
-    def __init__(self, models: Any, unet_params: Any, text_params: Any, image_shape: Sequence[int], *,
-                 prediction_type: str = "eps", sampler: str = "dpmpp_2m", num_steps: int = 25,
-                 guidance_scale: float = 3.0, timestep_spacing: Optional[str] = None, mesh=None):
+    def __init__(self, models: Models, unet_params: Any, text_params: Any, image_shape: Sequence[int], *,
+                 sampler: str = "dpmpp_2m", num_steps: int = 25, guidance_scale: float = 3.0,
+                 timestep_spacing: Optional[str] = None, mesh=None):
         self.models = models
         self.unet_params, self.text_params = unet_params, text_params
         self.image_shape = tuple(int(d) for d in image_shape)
-        self.prediction_type = prediction_type
         self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
         self.timestep_spacing = timestep_spacing
         self.mesh = sharding.create_mesh(1) if mesh is None else mesh
+        self.config, self.step = None, None  # the experiment config and step, when loaded from a checkpoint
         self._compiled: dict[tuple, Any] = {}
+
+    @property
+    def prediction_type(self) -> str:
+        return self.models.prediction_type
+
+    def with_params(self, unet_params: Any, text_params: Any) -> "Text2Image":
+        """The same pipeline with other parameters (of the same shapes), sharing the compiled programs."""
+        other = copy.copy(self)
+        other.unet_params, other.text_params = unet_params, text_params
+        return other
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, workdir: str, step: Optional[int] = None, use_ema: bool = True, mesh=None,
-                        config_overrides: Optional[dict] = None) -> "Text2Image":
+    def from_checkpoint(cls, workdir: str, step: Optional[int] = None, use_ema: bool = True,
+                        mesh=None) -> "Text2Image":
         """The pipeline of the training run in ``workdir``: config, networks and (EMA) parameters from its
-        checkpoint at ``step`` (default: the latest). Needs nothing but the checkpoint (no dataset)."""
+        checkpoint at ``step`` (default: the latest), on ``mesh`` (default: all local devices), whatever the
+        mesh, device count and batch size of the training run. Only the parameters it needs are read
+        (orbax partial restore: no optimizer state, no raw parameters when ``use_ema``); no dataset."""
         import ml_collections
 
         from diffjax.checkpoints import Checkpointer
-        from diffjax.train import Trainer
 
         ckpt_dir = os.path.join(workdir, "checkpoints")
         ckpt = Checkpointer.existing(ckpt_dir)
@@ -106,23 +109,44 @@ class Text2Image:
         if step not in ckpt.steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; steps: {ckpt.steps()}")
         config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        for key, value in (config_overrides or {}).items():
-            config[key] = value
-        mc = config.model.unet
-        size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
-        shape = (size, size, int(mc.in_channels))
-        trainer = Trainer(config, mesh=mesh, image_shape=shape)
-        state, _, _ = ckpt.restore(trainer.restore_target(), step)
+        models, _ = factory.build_models(config, with_text_params=False)
+        mesh = sharding.create_mesh(1) if mesh is None else mesh
+        abstract = models.abstract_params()
+        which = "ema_params" if use_ema else "params"
+        target = {which: {"unet": abstract["unet"]}}
+        if models.text_encoder.trainable:
+            target[which]["text"] = abstract["text"]
+        else:
+            target["frozen"] = {"text": abstract["text"]}
+        target = _with_shardings(target, mesh)
+        restored = ckpt.restore_subtree(target, step)
         ckpt.close()
-        params = state.ema_params if use_ema else state.params
-        text_params = params["text"] if "text" in params else state.frozen["text"]
+        params = restored[which]
+        text_params = params["text"] if "text" in params else restored["frozen"]["text"]
+        size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
         sc = config.sampling
         logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir, "EMA" if use_ema else "raw")
-        pipe = cls(trainer.models, params["unet"], text_params, shape, prediction_type=config.diffusion.prediction_type,
+        pipe = cls(models, params["unet"], text_params, (size, size, models.unet.config.in_channels),
                    sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                   timestep_spacing=sc.timestep_spacing, mesh=trainer.mesh)
+                   timestep_spacing=sc.timestep_spacing, mesh=mesh)
         pipe.config, pipe.step = config, step
         return pipe
+
+    def save_pretrained(self, directory: str) -> str:
+        """Write a self-contained model folder (see :mod:`diffjax.model_folder`); returns its path."""
+        from diffjax import model_folder
+
+        return model_folder.save(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, mesh=None) -> "Text2Image":
+        """The pipeline saved by :meth:`save_pretrained` in ``directory``, on ``mesh`` (default: all local
+        devices); needs no experiment config, dataset or optimizer."""
+        from diffjax import model_folder
+
+        mesh = sharding.create_mesh(1) if mesh is None else mesh
+        models, params, image_shape, defaults = model_folder.load(directory, lambda tree: _with_shardings(tree, mesh))
+        return cls(models, params["unet"], params["text"], image_shape, mesh=mesh, **defaults)
 
     # ----------------------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, negative_prompt: str = "", sampler: Optional[str] = None,
@@ -171,7 +195,7 @@ class Text2Image:
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this: the U-Net's total downsampling."""
-        return 2 ** (len(self.models.unet.config.channel_mult) - 1)
+        return self.models.unet.config.downsample_factor
 
     def _output_shape(self, height, width) -> tuple[int, int, int]:
         h0, w0, c = self.image_shape
@@ -312,6 +336,12 @@ class Text2Image:
                 x = multihost_utils.process_allgather(x, tiled=True)
             out.append(to_uint8(x)[: min(chunk, n - s)])
         return np.concatenate(out)
+
+
+def _with_shardings(abstract: Any, mesh) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves laid out over ``mesh`` by the FSDP rule (replicated when the mesh has no
+    fsdp axis of size > 1): where loaded parameters go."""
+    return abstract_with_shardings(abstract, sharding.state_shardings(mesh, abstract))
 
 
 def image_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:

@@ -73,6 +73,7 @@ __all__ = [
     "VOCAB_SIZE",
     "TextEncoder",
     "TextEncoding",
+    "check_prompts",
     "clean_text",
     "clip_bpe_path",
     "clip_tokenizer",
@@ -238,6 +239,22 @@ class TextEncoding(NamedTuple):
     pooled: jax.Array  # (B, D) state at the (first) EOS token
 
 
+def check_prompts(prompts: str | Sequence[str], what: str = "prompts", allow_empty: bool = False) -> list[str]:
+    """A list of prompt strings (a single string is one prompt); a one-line ValueError naming the bad entry
+    otherwise. Every entry point that takes prompts (tokenizer, pipeline) checks them here."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (bytes, np.ndarray)) or not isinstance(prompts, Sequence):
+        raise ValueError(f"{what} must be a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts and not allow_empty:
+        raise ValueError(f"{what} is empty: give at least one prompt")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"{what}[{i}] is a {type(p).__name__} ({p!r:.40}), not a string")
+    return prompts
+
+
 def _is_hub_id(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?", name)) and ".." not in name
 
@@ -299,8 +316,9 @@ class TextEncoder:
         max_length: int | None = None,
         trainable: bool = False,
         bpe_path: str | None = None,
+        init: bool = True,
         **overrides: Any,
-    ) -> tuple["TextEncoder", dict]:
+    ) -> tuple["TextEncoder", dict | None]:
         """A randomly initialised text encoder of a named size (or a ``CLIPTextConfig``).
 
         Args:
@@ -311,6 +329,7 @@ class TextEncoder:
           max_length: token sequence length (default: the config's 77 positions).
           trainable: default for :meth:`encode`'s ``trainable``.
           bpe_path: OpenAI's BPE file, if not taken from the ``openai-clip`` package.
+          init: False skips the initialisation (params None), for parameters restored from elsewhere.
           **overrides: ``CLIPTextConfig`` fields that override the named size.
 
         Returns:
@@ -326,6 +345,8 @@ class TextEncoder:
             config = text_config(size, **overrides)
         tokenizer = clip_tokenizer(config.max_position_embeddings, bpe_path=bpe_path)
         encoder = cls._build(config, tokenizer, dtype=dtype, max_length=max_length, trainable=trainable)
+        if not init:
+            return encoder, None
         if rng is None:
             rng = seed
         if isinstance(rng, (int, np.integer)):
@@ -478,13 +499,7 @@ class TextEncoder:
         (``<|endoftext|>``); the mask is True on BOS, text and EOS.  Prompts that are too long are cut
         to ``max_length`` tokens ending in EOS, with a warning.  A single string is one prompt.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if isinstance(prompts, (bytes, np.ndarray)) or not isinstance(prompts, Sequence):
-            raise TypeError(f"prompts must be a string or a sequence of strings, got {type(prompts).__name__}")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}: {prompt!r:.60}")
+        prompts = check_prompts(prompts, allow_empty=True)
         length = self.max_length
         ids = np.full((len(prompts), length), self.pad_token_id, np.int32)
         mask = np.zeros((len(prompts), length), bool)

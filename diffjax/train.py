@@ -1,4 +1,4 @@
-"""Training: the TrainState, the pure train step, EMA, the optimizer, and the loop.
+"""Training: the TrainState, the pure train step, EMA, the optimizer, and the sharded ``Trainer``.
 
 The step is a pure function ``train_step(state, batch) -> (state, metrics)``. ``jax.jit`` with
 ``NamedSharding``s (``diffjax.sharding``) runs it on one device, all devices of a host, or a multi-host
@@ -21,10 +21,6 @@ Per step (Ho et al. 2020, Algorithm 1, with the text conditioning of Rombach et 
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
-import time
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -34,10 +30,8 @@ import ml_collections
 import optax
 
 from diffjax import losses, sharding
-from diffjax import schedules as sch
-from diffjax.checkpoints import Checkpointer, abstract_with_shardings
-from diffjax.models.unet import UNet, unet_preset
-from diffjax.text import TextEncoder
+from diffjax.checkpoints import abstract_with_shardings
+from diffjax.models.factory import Models, build_models
 
 Array = jax.Array
 
@@ -54,55 +48,6 @@ class TrainState:
     def text_params(self, ema: bool = False):
         params = self.ema_params if ema else self.params
         return params["text"] if "text" in params else self.frozen["text"]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Models:
-    """The networks and the schedule of an experiment, built from its config."""
-
-    unet: UNet
-    text_encoder: TextEncoder
-    schedule: sch.NoiseSchedule
-    use_pooled: bool
-
-    def denoiser(self, unet_params, train: bool = False, dropout_rng: Optional[Array] = None):
-        """``model_fn(x_t, t, cond)`` for losses/guidance, with cond a ``text.TextEncoding``."""
-        rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
-
-        def model_fn(x_t, t, cond):
-            return self.unet.apply({"params": unet_params}, x_t, t, cond.hidden_states, cond.mask,
-                                   pooled=cond.pooled if self.use_pooled else None, train=train, rngs=rngs)
-
-        return model_fn
-
-
-def build_models(config: ml_collections.ConfigDict) -> tuple[Models, Any]:
-    """(Models, text params) from ``config.model``, ``config.text`` and ``config.diffusion``."""
-    tc = config.text
-    if tc.pretrained:
-        encoder, text_params = TextEncoder.from_pretrained(tc.encoder)
-        encoder = encoder.replace(trainable=tc.trainable, max_length=tc.max_length)
-    else:
-        encoder, text_params = TextEncoder.from_config(tc.encoder, seed=config.seed, max_length=tc.max_length,
-                                                       trainable=tc.trainable)
-    fields = dict(config.model.unet)
-    preset = fields.pop("preset")
-    for key in ("context_dim", "pooled_dim"):
-        if fields.get(key) is None:
-            fields.pop(key, None)
-    fields["context_dim"] = fields.get("context_dim") or encoder.hidden_size
-    if fields["context_dim"] != encoder.hidden_size:
-        raise ValueError(f"config.model.unet.context_dim={fields['context_dim']} does not match the text encoder's "
-                         f"hidden size {encoder.hidden_size}")
-    use_pooled = bool(config.model.use_pooled_text)
-    fields["pooled_dim"] = encoder.hidden_size if use_pooled else None
-    for key in ("channel_mult", "attention_levels"):
-        if key in fields:
-            fields[key] = tuple(fields[key])
-    unet_cfg = unet_preset(preset, **fields)
-    dc = config.diffusion
-    schedule = sch.get_schedule(dc.schedule, dc.num_timesteps, rescale_to_zero_snr=dc.rescale_to_zero_snr)
-    return Models(UNet(unet_cfg), encoder, schedule, use_pooled), text_params
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -145,13 +90,7 @@ def init_state(models: Models, image_shape: tuple[int, int, int], text_params: A
                tx: optax.GradientTransformation, rng: Array) -> TrainState:
     """A fresh TrainState (pure: jit it with out_shardings to create it sharded)."""
     init_rng, state_rng = jax.random.split(rng)
-    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    h = models.text_encoder.hidden_size
-    L = models.text_encoder.max_length
-    variables = models.unet.init({"params": init_rng, "dropout": init_rng}, x, jnp.zeros((1,)),
-                                 jnp.zeros((1, L, h)), jnp.ones((1, L), bool),
-                                 pooled=jnp.zeros((1, h)) if models.use_pooled else None)
-    params = {"unet": variables["params"]}
+    params = {"unet": models.init_unet(init_rng, image_shape)}
     frozen = {}
     if models.text_encoder.trainable:
         params["text"] = text_params
@@ -245,15 +184,16 @@ def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callabl
 
 
 # ------------------------------------------------------------------------------------------------------
-# The loop.
+# The sharded steps.
 # ------------------------------------------------------------------------------------------------------
 
 
 class Trainer:
-    """Everything a run needs, built once from a config: mesh, models, optimizer, jitted and sharded steps.
+    """The compiled pieces of training, built once from a config: mesh, models, optimizer, and the jitted,
+    sharded ``init``, ``step`` and ``eval_step``.
 
-    ``Trainer(config).train(workdir)`` is the whole run; tests and notebooks use the parts (``init``,
-    ``step``, ``shard_batch``) directly.
+    The run around them (data, resume, metrics, samples, checkpoints) is ``diffjax.loop.train``; tests and
+    notebooks use the parts directly.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh=None, image_shape=None):
@@ -297,122 +237,3 @@ class Trainer:
 
     def restore_target(self):
         return abstract_with_shardings(self.abstract_state, self.state_shardings)
-
-    # --------------------------------------------------------------------------------------------------
-    def train(self, workdir: str, stop_at: Optional[int] = None) -> TrainState:
-        """The whole run: resume from ``workdir``'s latest checkpoint if any, train to ``training.num_steps``
-        with metrics (TensorBoard + progress bar), sample grids, held-out loss and checkpoints.
-        ``stop_at`` ends the run early after that step, with a checkpoint (as a preemption would)."""
-        from diffjax import pipeline
-        from diffjax.data import describe_dataset, make_dataset
-
-        cfg, tc = self.config, self.config.training
-        lead = jax.process_index() == 0
-        os.makedirs(workdir, exist_ok=True)
-        info = describe_dataset(cfg.data, cfg.data.train_split)
-        if tuple(info.image_shape) != tuple(self.image_shape):
-            raise ValueError(f"data gives images of shape {info.image_shape}, the model is built for "
-                             f"{self.image_shape} (config.data.image_size / channels)")
-        enc = self.models.text_encoder
-        data_kw = dict(global_batch_size=tc.batch_size, process_index=jax.process_index(),
-                       process_count=jax.process_count())
-        train_it = make_dataset(cfg.data, enc, split=cfg.data.train_split, seed=cfg.seed, **data_kw)
-
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
-        if ckpt.latest_step() is not None:
-            state, data_state, _ = ckpt.restore(self.restore_target())
-            if data_state:
-                train_it.set_state(data_state)
-            logging.info("resumed from step %d in %s", int(state.step), workdir)
-        else:
-            state = self.init()
-        start = int(state.step)
-
-        writer = _SummaryWriter(os.path.join(workdir, "tensorboard")) if lead else None
-        prompts = [p for p in cfg.sampling.prompts.split("|") if p] if cfg.sampling.prompts else info.prompts()
-        sc = cfg.sampling
-        sampler = pipeline.Text2Image(self.models, None, None, self.image_shape,
-                                      prediction_type=cfg.diffusion.prediction_type, sampler=sc.sampler,
-                                      num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                                      timestep_spacing=sc.timestep_spacing, mesh=self.mesh)
-
-        def write_samples(step):
-            sampler.unet_params, sampler.text_params = state.ema_params["unet"], state.text_params(ema=True)
-            n = sc.images_per_prompt
-            images = sampler.generate([p for p in prompts for _ in range(n)], seed=cfg.seed + 1)
-            if lead:
-                grid = pipeline.image_grid(images, rows=len(prompts))
-                os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-                pipeline.save_image(grid, os.path.join(workdir, "samples", f"step_{step:06d}.png"), scale=2)
-                writer.image("samples", grid, step)
-
-        def evaluate(step):
-            it = make_dataset(cfg.data, enc, split=cfg.data.eval_split, seed=cfg.seed, shuffle=False, **data_kw)
-            vals = [self.eval_step(state, self.shard_batch(next(it)), jax.random.PRNGKey(cfg.seed + 2))
-                    for _ in range(tc.eval_batches)]
-            loss = float(jnp.mean(jnp.stack(vals)))
-            if lead:
-                writer.scalar("eval/loss", loss, step)
-            return loss
-
-        bar = None
-        if lead and tc.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=tc.num_steps, initial=start, desc="train", dynamic_ncols=True)
-        t_last, steps_last = time.perf_counter(), start
-        metrics = None
-        for step in range(start + 1, tc.num_steps + 1):
-            batch = self.shard_batch(next(train_it))
-            state, metrics = self.step(state, batch)
-            if bar is not None:
-                bar.update(1)
-            if step % tc.log_every == 0 or step == tc.num_steps:
-                m = jax.device_get(metrics)
-                now = time.perf_counter()
-                dt = (now - t_last) / max(step - steps_last, 1)
-                t_last, steps_last = now, step
-                m = {k: float(v) for k, v in m.items()}
-                m.update(step_time=dt, images_per_second=tc.batch_size / dt)
-                if lead:
-                    for k, v in m.items():
-                        writer.scalar(f"train/{k}", v, step)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_second']:.0f}")
-                    else:
-                        logging.info("step %d: loss %.4f, %.2f s/step, %.0f images/s", step, m["loss"],
-                                     m["step_time"], m["images_per_second"])
-            if tc.eval_every and step % tc.eval_every == 0:
-                evaluate(step)
-            if tc.sample_every and (step % tc.sample_every == 0 or step == tc.num_steps):
-                write_samples(step)
-            stop = step == stop_at or ckpt.reached_preemption(step)
-            if step % tc.checkpoint_every == 0 or step == tc.num_steps or stop:
-                ckpt.save(step, state, train_it.get_state(), cfg, force=stop)
-            if stop:
-                logging.warning("stopping at step %d with a checkpoint", step)
-                break
-        ckpt.close()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-        return state
-
-
-class _SummaryWriter:
-    """TensorBoard event files through tensorboardX (no TensorFlow needed)."""
-
-    def __init__(self, logdir: str):
-        from tensorboardX import SummaryWriter
-
-        self._w = SummaryWriter(logdir)
-
-    def scalar(self, tag, value, step):
-        self._w.add_scalar(tag, value, step)
-
-    def image(self, tag, image, step):
-        self._w.add_image(tag, image, step, dataformats="HWC")
-
-    def close(self):
-        self._w.close()

@@ -10,6 +10,9 @@
     python -m experiments.main --mode=eval --workdir=runs/fmnist [--config=... --config.evaluation.images_per_class=100]
     # images from prompts (text-to-image, or image-to-image with --init_image, inpainting with --mask)
     python -m experiments.main --mode=sample --workdir=runs/fmnist --prompt="a sneaker" --prompt="a bag"
+    # a self-contained model folder (EMA parameters, one JSON config per component), and sampling from it
+    python -m experiments.main --mode=export --workdir=runs/fmnist --out=models/fmnist
+    python -m experiments.main --mode=sample --model=models/fmnist --prompt="a sneaker" --out=images/
 
 Several processes (a TPU pod slice, or several GPU hosts) are joined through ``jax.distributed`` when the
 environment configures them (see ``diffjax.sharding.initialize_distributed``).
@@ -27,7 +30,9 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (experim
                                 "reads only its 'evaluation' section (default: experiments/configs/default.py's).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, samples and metrics.")
-flags.DEFINE_enum("mode", "train", ["train", "train_classifier", "eval", "sample"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "train_classifier", "eval", "sample", "export"], "What to run.")
+flags.DEFINE_string("model", None, "sample/eval: a model folder (--mode=export, Text2Image.save_pretrained) to use "
+                    "instead of --workdir's checkpoint.")
 flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat the flag for several).")
 flags.DEFINE_string("negative_prompt", "", "sample/eval: the prompt guidance steers away from.")
 flags.DEFINE_integer("num_images", 1, "sample: images per prompt.")
@@ -37,12 +42,11 @@ flags.DEFINE_integer("num_steps", None, "sample/eval: sampler steps (default: th
 flags.DEFINE_float("guidance_scale", None, "sample/eval: classifier-free guidance scale (default: the run's).")
 flags.DEFINE_enum("timestep_spacing", None, ["leading", "trailing", "linspace"],
                   "sample/eval: sampler timestep spacing (default: the run's config.sampling).")
-flags.DEFINE_integer("step", None, "sample/eval: checkpoint step (default: the latest).")
+flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default: the latest).")
 flags.DEFINE_string("init_image", None, "sample: image-to-image from this image file (SDEdit).")
 flags.DEFINE_float("strength", 0.75, "sample: image-to-image strength in [0, 1].")
 flags.DEFINE_string("mask", None, "sample: inpainting mask file (white = generate, black = keep init_image).")
-flags.DEFINE_string("out", None, "sample: output directory (default: WORKDIR/generated).")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string("out", None, "sample: output directory (default: WORKDIR/generated); export: the model folder.")
 
 
 def _fail(e: BaseException) -> None:
@@ -67,8 +71,10 @@ def train(config) -> None:
         trainer = Trainer(config)
     except (ValueError, OSError) as e:  # OSError: a missing dataset directory or config file
         _fail(e)
+    from diffjax import loop
+
     logging.info("config:\n%s", config)
-    trainer.train(FLAGS.workdir)
+    loop.train(trainer, FLAGS.workdir)
 
 
 def train_classifier(config) -> None:
@@ -90,6 +96,8 @@ def _load_pipeline():
     ec = FLAGS.config.evaluation if FLAGS.config is not None and "evaluation" in FLAGS.config else None
     use_ema = bool(ec.use_ema) if ec is not None else True
     try:
+        if FLAGS.model:
+            return Text2Image.from_pretrained(FLAGS.model)
         return Text2Image.from_checkpoint(FLAGS.workdir, step=FLAGS.step, use_ema=use_ema)
     except (ValueError, OSError) as e:
         _fail(e)
@@ -98,13 +106,15 @@ def _load_pipeline():
 def evaluate() -> None:
     from diffjax import evaluation, pipeline
     from diffjax.data import validate_data_config
-    from diffjax.train import _SummaryWriter
+    from diffjax.loop import MetricWriter
     from experiments.configs import default
 
     ec = FLAGS.config.evaluation if FLAGS.config is not None else default.get_config().evaluation
+    if FLAGS.model and FLAGS.config is None:
+        _fail(ValueError("--mode=eval --model=... needs --config for the dataset to compare against"))
     pipe = _load_pipeline()
     try:
-        data_config = validate_data_config(pipe.config.data)
+        data_config = validate_data_config((pipe.config or FLAGS.config).data)
         classifier = evaluation.FeatureNet.from_checkpoint(ec.classifier_workdir)
     except (ValueError, OSError) as e:
         _fail(e)
@@ -116,7 +126,7 @@ def evaluate() -> None:
                    num_steps=FLAGS.num_steps or pipe.defaults["num_steps"],
                    guidance_scale=pipe.defaults["guidance_scale"] if FLAGS.guidance_scale is None
                    else FLAGS.guidance_scale, timestep_spacing=FLAGS.timestep_spacing or pipe.timestep_spacing)
-    out = os.path.join(FLAGS.workdir, "eval", f"step_{pipe.step:06d}")
+    out = os.path.join(FLAGS.workdir, "eval", f"step_{pipe.step:06d}" if pipe.step is not None else "model")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -126,13 +136,12 @@ def evaluate() -> None:
     grid_rows = images.reshape(n_classes, per_class, *images.shape[1:])[:, :cols]
     grid = pipeline.image_grid(grid_rows.reshape(-1, *images.shape[1:]), rows=n_classes)
     pipeline.save_image(grid, os.path.join(out, "grid.png"), scale=2)
-    writer = _SummaryWriter(os.path.join(FLAGS.workdir, "tensorboard"))
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            writer.scalar(f"eval/{key}", value, pipe.step)
-    writer.image("eval/grid", grid, pipe.step)
+    writer = MetricWriter(os.path.join(FLAGS.workdir, "tensorboard"))
+    step = pipe.step or 0
+    writer.write_scalars(step, {k: v for k, v in metrics.items() if isinstance(v, float)}, prefix="eval/")
+    writer.write_image(step, "eval/grid", grid)
     writer.close()
-    print(f"step {pipe.step}: conditioning accuracy {metrics['conditioning_accuracy']:.4f} "
+    print(f"{'step ' + str(pipe.step) if pipe.step is not None else FLAGS.model}: conditioning accuracy {metrics['conditioning_accuracy']:.4f} "
           f"(classifier on real test images {metrics['classifier_test_accuracy']:.4f}; relative "
           f"{metrics['relative_conditioning_accuracy']:.4f}), Fréchet distance {metrics['fd']:.3f} "
           f"(train-vs-test floor {metrics['fd_train_floor']:.3f})"
@@ -184,22 +193,32 @@ def sample() -> None:
     print(f"wrote {len(paths)} images and grid.png to {out}")
 
 
+def export() -> None:
+    if not FLAGS.out:
+        _fail(ValueError("--mode=export needs --out (the model folder to write)"))
+    pipe = _load_pipeline()
+    try:
+        path = pipe.save_pretrained(FLAGS.out)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    print(f"exported step {pipe.step} of {FLAGS.workdir} to {path}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from diffjax import sharding
 
+    if FLAGS.model and FLAGS.mode not in ("sample", "eval"):
+        _fail(ValueError(f"--model is for --mode=sample or --mode=eval, not --mode={FLAGS.mode}"))
+    if FLAGS.workdir is None and not (FLAGS.model and FLAGS.mode == "sample" and FLAGS.out):
+        _fail(ValueError(f"--mode={FLAGS.mode} needs --workdir" + (" (or --out with --model)" if FLAGS.model else "")))
     sharding.initialize_distributed()
     if FLAGS.mode in ("train", "train_classifier") and FLAGS.config is None:
         _fail(ValueError(f"--mode={FLAGS.mode} needs --config (see experiments/configs/)"))
-    if FLAGS.mode == "train":
-        train(FLAGS.config)
-    elif FLAGS.mode == "train_classifier":
-        train_classifier(FLAGS.config)
-    elif FLAGS.mode == "eval":
-        evaluate()
-    else:
-        sample()
+    modes = {"train": lambda: train(FLAGS.config), "train_classifier": lambda: train_classifier(FLAGS.config),
+             "eval": evaluate, "sample": sample, "export": export}
+    modes[FLAGS.mode]()
 
 
 def parse_flags(argv):

@@ -1,11 +1,14 @@
-"""Small stand-ins for real data, shared by the tests."""
+"""Small stand-ins for real data and trained models, shared by the tests and tests/train_worker.py."""
 
 import os
 
+import jax
 import numpy as np
 
 from diffjax import data
 from diffjax.data import fashion_mnist
+
+GLOBAL_BATCH = 8
 
 
 def write_fake_fashion_mnist(directory, n_train=40, n_test=20, seed=0):
@@ -23,3 +26,35 @@ def write_fake_fashion_mnist(directory, n_train=40, n_test=20, seed=0):
         data.write_idx(os.path.join(directory, lbl_name), labels)
         out[split] = (imgs, labels)
     return out
+
+
+def tiny_config():
+    """experiments/configs/tiny.py with the tests' global batch."""
+    from experiments.configs import tiny
+
+    config = tiny.get_config()
+    config.training.batch_size = GLOBAL_BATCH
+    return config
+
+
+def perturbed(tree, seed=0, scale=0.1):
+    """``tree`` plus N(0, scale²) noise: the U-Net's zero-initialised output layers would make a freshly
+    initialised model predict ε = 0 whatever the prompt."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def random_text2image(mesh=None):
+    """The tiny config's U-Net and text encoder with perturbed random weights, as a Text2Image (8×8×1)."""
+    from diffjax.models.factory import build_models
+    from diffjax.pipeline import Text2Image
+
+    config = tiny_config()
+    models, text_params = build_models(config)
+    unet_params = models.init_unet(jax.random.PRNGKey(0), (8, 8))
+    sc = config.sampling
+    return Text2Image(models, perturbed(unet_params), perturbed(text_params, seed=1), (8, 8, 1),
+                      sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
+                      timestep_spacing=sc.timestep_spacing, mesh=mesh)

@@ -3,18 +3,14 @@ class-conditional evaluation of a pipeline, the CLIP score with a local model, a
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from fakes import write_fake_fashion_mnist
+from fakes import random_text2image
 
 from diffjax import evaluation
 from diffjax.evaluation import FeatureStatistics, feature_statistics, frechet_distance
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _spd(rng, d):
@@ -69,13 +65,11 @@ def test_feature_statistics_of_samples_converge_to_the_gaussian():
 
 
 @pytest.fixture(scope="module")
-def fake_data(tmp_path_factory):
+def fake_data(tmp_path_factory, fake_fashion_mnist_dir):
     from experiments.configs import fashion_mnist_classifier
 
-    idx = tmp_path_factory.mktemp("idx")
-    write_fake_fashion_mnist(str(idx), n_train=60, n_test=20)
     config = fashion_mnist_classifier.get_config()
-    config.data.manual_dir = str(idx)
+    config.data.manual_dir = fake_fashion_mnist_dir
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     config.data.image_size = 8
     config.training.batch_size = 20
@@ -85,15 +79,12 @@ def fake_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def classifier_dir(fake_data, tmp_path_factory):
+def classifier_dir(fake_data, tmp_path_factory, run_main):
     workdir = str(tmp_path_factory.mktemp("classifier"))
-    proc = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=train_classifier",
-                           "--config=experiments/configs/fashion_mnist_classifier.py", f"--workdir={workdir}",
-                           f"--config.data.manual_dir={fake_data.data.manual_dir}",
-                           f"--config.data.data_dir={fake_data.data.data_dir}", "--config.data.image_size=8",
-                           "--config.training.batch_size=20", "--config.training.num_epochs=2"],
-                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_main(["--mode=train_classifier", "--config=experiments/configs/fashion_mnist_classifier.py",
+                     f"--workdir={workdir}", f"--config.data.manual_dir={fake_data.data.manual_dir}",
+                     f"--config.data.data_dir={fake_data.data.data_dir}", "--config.data.image_size=8",
+                     "--config.training.batch_size=20", "--config.training.num_epochs=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "classifier test accuracy" in proc.stdout
     return workdir
@@ -116,9 +107,6 @@ def test_classifier_checkpoint_round_trip(fake_data, classifier_dir, tmp_path):
 
 
 def test_evaluate_text2image_metrics(fake_data, classifier_dir):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from train_worker import random_text2image
-
     pipe = random_text2image()
     net = evaluation.FeatureNet.from_checkpoint(classifier_dir)
     metrics, images, prompts = evaluation.evaluate_text2image(pipe, fake_data.data, net, images_per_class=2,
@@ -137,7 +125,7 @@ def test_evaluate_text2image_metrics(fake_data, classifier_dir):
     assert list(metrics["per_class_accuracy"]) == list(describe_dataset(fake_data.data).class_names)
 
 
-def test_eval_command_writes_metrics(fake_data, classifier_dir, tmp_path):
+def test_eval_command_writes_metrics(fake_data, classifier_dir, tmp_path, run_main):
     """--mode=eval on a checkpoint: metrics JSON, grid PNG, TensorBoard events, the summary line."""
     from diffjax.checkpoints import Checkpointer
     from diffjax.train import Trainer
@@ -149,22 +137,17 @@ def test_eval_command_writes_metrics(fake_data, classifier_dir, tmp_path):
     ckpt = Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(4, trainer.init(), None, config)
     ckpt.close()
-    proc = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=eval", f"--workdir={tmp_path}",
-                           "--config=experiments/configs/tiny.py", f"--config.evaluation.classifier_workdir={classifier_dir}",
-                           "--config.evaluation.images_per_class=1", "--config.evaluation.batch_size=10",
-                           "--num_steps=2"],
-                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_main(["--mode=eval", f"--workdir={tmp_path}", "--config=experiments/configs/tiny.py",
+                     f"--config.evaluation.classifier_workdir={classifier_dir}",
+                     "--config.evaluation.images_per_class=1", "--config.evaluation.batch_size=10", "--num_steps=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 4: conditioning accuracy" in proc.stdout
     out = tmp_path / "eval" / "step_000004"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 10 and metrics["num_steps"] == 2 and metrics["step"] == 4
     assert (out / "grid.png").is_file() and os.listdir(tmp_path / "tensorboard")
-    proc = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=eval", f"--workdir={tmp_path}",
-                           "--config=experiments/configs/tiny.py", f"--config.evaluation.classifier_workdir={tmp_path}/none"],
-                          env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_main(["--mode=eval", f"--workdir={tmp_path}", "--config=experiments/configs/tiny.py",
+                     f"--config.evaluation.classifier_workdir={tmp_path}/none"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no classifier checkpoint")
 
 

@@ -2,37 +2,21 @@
 pixels, checkpoint loading, sharding over 8 devices = 1 device, the sample command, bad input."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+from fakes import perturbed, random_text2image, tiny_config
+
 PROMPTS = ["a photo of a sneaker", "a dress", "an ankle boot", "a bag"]
 STEPS = 3
 
 
-def _env(devices=1):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def random_pipeline(mesh=None):
-    """The tiny config's networks with random (non-zero-output) weights, as a Text2Image."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from train_worker import random_text2image
-
-    return random_text2image(mesh)
-
-
 @pytest.fixture(scope="module")
 def pipe():
-    return random_pipeline()
+    return random_text2image()
 
 
 def test_same_seed_same_images_any_chunking(pipe):
@@ -127,14 +111,11 @@ def test_bad_input_one_line(pipe, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_from_checkpoint_restores_the_ema_pipeline(tmp_path):
+def test_from_checkpoint_restores_the_ema_pipeline(tmp_path, run_main):
     """A checkpoint written by training rebuilds the same pipeline (config, networks, EMA parameters) alone."""
     from diffjax.checkpoints import Checkpointer
     from diffjax.pipeline import Text2Image
     from diffjax.train import Trainer
-
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from train_worker import perturbed, tiny_config
 
     config = tiny_config()
     trainer = Trainer(config, image_shape=(8, 8, 1))
@@ -155,26 +136,135 @@ def test_from_checkpoint_restores_the_ema_pipeline(tmp_path):
         Text2Image.from_checkpoint(str(tmp_path), step=3)
 
     # The command line: PNGs per prompt, and one-line errors.
-    proc = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=sample", f"--workdir={tmp_path}",
-                           "--prompt=a sneaker", "--prompt=a bag", "--num_images=2", f"--num_steps={STEPS}"],
-                          env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_main(["--mode=sample", f"--workdir={tmp_path}", "--prompt=a sneaker", "--prompt=a bag",
+                     "--num_images=2", f"--num_steps={STEPS}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(os.listdir(tmp_path / "generated"))
     assert names == ["0000.png", "0001.png", "0002.png", "0003.png", "grid.png", "prompts.json"]
     for args, message in [([f"--workdir={tmp_path}/empty", "--prompt=a bag"], "error: no checkpoint in"),
                           ([f"--workdir={tmp_path}"], "error: --mode=sample needs at least one --prompt")]:
-        proc = subprocess.run([sys.executable, "-m", "experiments.main", "--mode=sample", *args], env=_env(),
-                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        proc = run_main(["--mode=sample", *args])
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
 
 
-def test_eight_devices_generate_what_one_device_does(pipe, tmp_path):
+def test_eight_devices_generate_what_one_device_does(pipe, tmp_path, run_worker):
     out = tmp_path / "gen.npz"
-    proc = subprocess.run([sys.executable, WORKER, "generate", str(out)], env=_env(8), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_worker(["generate", out], devices=8)
     res = np.load(out)
     assert int(res["devices"]) == 8
     prompts = [PROMPTS[i % 4] for i in range(12)]  # 12 images: chunks of 8, the last one padded
     one = pipe.generate(prompts, seed=9, num_steps=STEPS, batch_size=8)
     assert np.abs(res["images"].astype(int) - one).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, run_worker):
+    """A tiny model trained 3 steps on 8 simulated devices (fsdp=4, batch 24), checkpointed and exported."""
+    directory = tmp_path_factory.mktemp("export")
+    run_worker(["export", directory], devices=8)
+    return directory
+
+
+def test_exported_folder_samples_what_the_checkpoint_does_on_any_device_count(exported, run_worker):
+    """The model folder and the training checkpoint give the same images on 8, 3 and 1 devices, although the
+    training run's fsdp=4 mesh and batch 24 fit none of the smaller ones."""
+    from diffjax.pipeline import Text2Image
+    from train_worker import export_images, load_exported
+
+    trained = np.load(exported / "trained.npz")
+    assert int(trained["fsdp_split"]) > 0  # the EMA parameters really were split over the fsdp axis
+    reference = trained["images"].astype(int)
+    assert reference.shape == (5, 8, 8, 1) and reference.std() > 10
+    run_worker(["load_exported", exported, exported / "three.npz"], devices=3)
+    three = np.load(exported / "three.npz")
+    assert int(three["devices"]) == 3
+    folder, checkpoint, devices = load_exported(str(exported))
+    assert devices == 1
+    for images in (three["folder"], three["checkpoint"], folder, checkpoint):
+        assert np.abs(images.astype(int) - reference).max() <= 1
+    # The folder holds the sampling defaults, the schedule and the token length of the run.
+    pipe = Text2Image.from_pretrained(str(exported / "model"))
+    config = tiny_config()
+    assert pipe.defaults == dict(sampler=config.sampling.sampler, num_steps=config.sampling.num_steps,
+                                 guidance_scale=config.sampling.guidance_scale)
+    assert pipe.timestep_spacing == config.sampling.timestep_spacing and pipe.image_shape == (8, 8, 1)
+    assert pipe.models.text_encoder.max_length == config.text.max_length
+    assert pipe.models.scheduler.schedule == config.diffusion.schedule
+    np.testing.assert_array_equal(export_images(pipe), folder)
+
+
+def test_export_command_and_sampling_from_the_folder(exported, tmp_path, run_main, last_error_line):
+    out = tmp_path / "model"
+    proc = run_main(["--mode=export", f"--workdir={exported / 'run'}", f"--out={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "text_encoder", "unet"]
+    assert not [n for n in os.listdir(tmp_path) if n != "model"]  # no temporary folder left beside it
+    proc = run_main(["--mode=sample", f"--model={out}", "--prompt=a bag", f"--out={tmp_path / 'images'}",
+                     "--num_steps=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "images")) == ["0000.png", "grid.png", "prompts.json"]
+    (tmp_path / "file").write_text("x")
+    for args, message in [
+        ([f"--workdir={exported / 'run'}"], "error: --mode=export needs --out"),
+        ([f"--workdir={exported / 'run'}", f"--out={tmp_path / 'file'}"], f"error: {tmp_path / 'file'} exists"),
+        ([f"--workdir={tmp_path}/none", f"--out={tmp_path}/m2"], "error: no checkpoint in"),
+    ]:
+        proc = run_main(["--mode=export", *args])
+        assert last_error_line(proc).startswith(message), proc.stderr[-2000:]
+    assert not (tmp_path / "m2").exists()
+
+
+def _copy_model(exported, tmp_path):
+    import shutil
+
+    target = tmp_path / "model"
+    shutil.copytree(exported / "model", target)
+    return target
+
+
+def test_bad_model_folders_fail_with_one_line_naming_the_file(exported, tmp_path):
+    import json
+
+    from diffjax.pipeline import Text2Image
+
+    def error(directory, kind=(ValueError, OSError)):
+        with pytest.raises(kind) as e:
+            Text2Image.from_pretrained(str(directory))
+        message = str(e.value)
+        assert "\n" not in message
+        return message
+
+    (tmp_path / "empty").mkdir()
+    assert "is not a diffjax model folder (no model_index.json" in error(tmp_path / "empty")
+    assert "no model folder at" in error(tmp_path / "nowhere")
+    # A component missing.
+    for missing in ("unet/config.json", "unet/diffusion_params.safetensors", "scheduler/scheduler_config.json",
+                    "text_encoder/config.json"):
+        model = _copy_model(exported, tmp_path)
+        os.remove(model / missing)
+        assert f"is missing {missing}" in error(model)
+        import shutil
+
+        shutil.rmtree(model)
+    # Parameters whose shapes do not match the config: the U-Net's, then the text encoder's.
+    model = _copy_model(exported, tmp_path)
+    cfg = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps(dict(cfg, channels=16, norm_groups=4)))
+    message = error(model)
+    assert message.startswith(f"{model / 'unet' / 'diffusion_params.safetensors'}: parameter ")
+    assert "has shape" in message and "but unet/config.json gives" in message
+    (model / "unet" / "config.json").write_text(json.dumps(dict(cfg, num_res_blocks=2)))
+    assert "missing parameters" in error(model) and "unet/config.json needs" in error(model)
+    (model / "unet" / "config.json").write_text(json.dumps(dict(cfg, chanels=16)))
+    assert "unet/config.json: unknown field(s) chanels" in error(model)
+    (model / "unet" / "config.json").write_text(json.dumps(cfg))
+    tcfg = json.loads((model / "text_encoder" / "config.json").read_text())
+    (model / "text_encoder" / "config.json").write_text(json.dumps(dict(tcfg, intermediate_size=48)))
+    message = error(model)
+    assert message.startswith(f"{model / 'text_encoder' / 'model.safetensors'}: parameter text_model/")
+    assert "but text_encoder/config.json gives" in message
+    (model / "text_encoder" / "config.json").write_text(json.dumps(tcfg))
+    (model / "unet" / "diffusion_params.safetensors").write_bytes(b"not safetensors")
+    assert "diffusion_params.safetensors: not a readable safetensors file" in error(model)
+    (model / "model_index.json").write_text("{")
+    assert "model_index.json: not readable JSON" in error(model)

@@ -97,11 +97,11 @@ def test_long_prompt_truncated_with_warning(tiny):
 
 def test_bad_prompts_raise(tiny):
     encoder = tiny[0]
-    with pytest.raises(TypeError, match=r"prompts\[1\] must be a str, got int"):
+    with pytest.raises(ValueError, match=r"prompts\[1\] is a int"):
         encoder.tokenize(["a cat", 5])
-    with pytest.raises(TypeError, match=r"prompts\[0\] must be a str, got NoneType"):
+    with pytest.raises(ValueError, match=r"prompts\[0\] is a NoneType"):
         encoder.tokenize([None])
-    with pytest.raises(TypeError, match="prompts must be a string or a sequence of strings"):
+    with pytest.raises(ValueError, match="prompts must be a string or a list of strings"):
         encoder.tokenize(b"bytes")
 
 

@@ -9,26 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from fakes import write_fake_fashion_mnist
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "train_worker.py")
-
-
-def _env(devices=1):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
 
 
 @pytest.fixture(scope="module")
-def fake_config(tmp_path_factory):
+def fake_config(tmp_path_factory, fake_fashion_mnist_dir):
     from experiments.configs import tiny
 
-    idx = tmp_path_factory.mktemp("idx")
-    write_fake_fashion_mnist(str(idx), n_train=48, n_test=16)
     config = tiny.get_config()
-    config.data.manual_dir = str(idx)
+    config.data.manual_dir = fake_fashion_mnist_dir
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     return config
 
@@ -64,22 +53,23 @@ def test_loss_falls_when_overfitting_one_batch(trainer, fake_config):
 def test_resume_equals_straight_run(trainer, fake_config, tmp_path):
     """N steps straight == N/2 steps, stop (checkpoint), resume, N/2 steps: same parameters, same data order.
     The straight run also writes TensorBoard events, a sample grid and an evaluation."""
+    from diffjax import loop
     from diffjax.checkpoints import Checkpointer
 
     tc = fake_config.training
     assert tc.num_steps == 4
     with fake_config.unlocked():
         tc.sample_every, tc.eval_every = 4, 4
-        straight = trainer.train(str(tmp_path / "straight"))
+        straight = loop.train(trainer, str(tmp_path / "straight"))
         tc.sample_every, tc.eval_every = 0, 0
-    first = trainer.train(str(tmp_path / "resumed"), stop_at=2)
+    first = loop.train(trainer, str(tmp_path / "resumed"), stop_at=2)
     assert int(first.step) == 2
     ckpt = Checkpointer(str(tmp_path / "resumed" / "checkpoints"))
     assert ckpt.latest_step() == 2
     _, data_state, cfg = ckpt.restore(trainer.restore_target())
     assert data_state["next_index"] == 2 and cfg["training"]["batch_size"] == 8
     ckpt.close()
-    resumed = trainer.train(str(tmp_path / "resumed"))
+    resumed = loop.train(trainer, str(tmp_path / "resumed"))
     assert int(resumed.step) == 4
     np.testing.assert_allclose(_flat(resumed.params), _flat(straight.params), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(_flat(resumed.ema_params), _flat(straight.ema_params), rtol=1e-6, atol=1e-7)
@@ -91,11 +81,9 @@ def test_resume_equals_straight_run(trainer, fake_config, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
+def layouts(tmp_path_factory, run_worker):
     out = tmp_path_factory.mktemp("layouts") / "out.npz"
-    proc = subprocess.run([sys.executable, WORKER, "layouts", str(out)], env=_env(8), capture_output=True,
-                          text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(["layouts", out], devices=8)
     return dict(np.load(out))
 
 
@@ -131,10 +119,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_like_one(layouts, tmp_path):
+def test_two_processes_train_together_like_one(layouts, tmp_path, subprocess_env):
     """Two local processes (gloo collectives, 2 CPU devices each) each feed half of every global batch."""
     port, out = _free_port(), tmp_path / "two.npz"
-    procs = [subprocess.Popen([sys.executable, WORKER, "process", str(i), "2", str(port), str(out)], env=_env(2),
+    procs = [subprocess.Popen([sys.executable, WORKER, "process", str(i), "2", str(port), str(out)],
+                              env=subprocess_env(2),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     errs = [p.communicate(timeout=1800)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
@@ -143,30 +132,19 @@ def test_two_processes_train_together_like_one(layouts, tmp_path):
     _close(res["params"], layouts["one_device"])
 
 
-def _main(args, devices=1):
-    return subprocess.run([sys.executable, "-m", "experiments.main", *args], env=_env(devices), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-
-
-def _error_line(proc):
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return lines[-1]
-
-
-def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path):
+def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path, run_main, last_error_line):
     tiny = "--config=experiments/configs/tiny.py"
     data = [f"--config.data.manual_dir={fake_config.data.manual_dir}", f"--config.data.data_dir={fake_config.data.data_dir}"]
-    proc = _main([tiny, f"--workdir={tmp_path}/a", "--config.training.bach_size=3"])
-    assert _error_line(proc).startswith("error: unknown config key: bach_size") and "Traceback" not in proc.stderr
-    proc = _main([tiny, f"--workdir={tmp_path}/b", f"--config.data.manual_dir={tmp_path}/nowhere",
+    proc = run_main([tiny, f"--workdir={tmp_path}/a", "--config.training.bach_size=3"])
+    assert last_error_line(proc).startswith("error: unknown config key: bach_size") and "Traceback" not in proc.stderr
+    proc = run_main([tiny, f"--workdir={tmp_path}/b", f"--config.data.manual_dir={tmp_path}/nowhere",
                   f"--config.data.data_dir={tmp_path}/fresh_tfds"])
-    line = _error_line(proc)
+    line = last_error_line(proc)
     assert line.startswith("error:") and "nowhere" in line and "Traceback" not in proc.stderr
-    proc = _main([tiny, f"--workdir={tmp_path}/c", "--config.training.batch_size=12", *data], devices=8)
-    assert _error_line(proc) == "error: training.batch_size=12 is not divisible by the number of devices (8)"
-    proc = _main([tiny, f"--workdir={tmp_path}/d", "--config.diffusion.schedule=cosin", *data])
-    assert "diffusion.schedule='cosin'" in _error_line(proc)
+    proc = run_main([tiny, f"--workdir={tmp_path}/c", "--config.training.batch_size=12", *data], devices=8)
+    assert last_error_line(proc) == "error: training.batch_size=12 is not divisible by the number of devices (8)"
+    proc = run_main([tiny, f"--workdir={tmp_path}/d", "--config.diffusion.schedule=cosin", *data])
+    assert "diffusion.schedule='cosin'" in last_error_line(proc)
     for d in "abcd":
         assert not (tmp_path / d / "checkpoints").exists()
 

@@ -4,6 +4,8 @@ tests/test_train.py and tests/test_pipeline.py.
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py layouts OUT.npz
     python tests/train_worker.py process I N PORT OUT.npz      (one of N gloo processes, 2 devices each)
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py generate OUT.npz
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py export DIR
+    XLA_FLAGS=--xla_force_host_platform_device_count=3 python tests/train_worker.py load_exported DIR OUT.npz
 
 Every layout trains the tiny config on the same synthetic global batches; the test compares the results.
 """
@@ -15,26 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fakes import GLOBAL_BATCH, random_text2image, tiny_config
+
 STEPS = 3
-GLOBAL_BATCH = 8
 
 
-def tiny_config():
-    from experiments.configs import tiny
-
-    config = tiny.get_config()
-    config.training.batch_size = GLOBAL_BATCH
-    return config
-
-
-def batches(trainer, num):
+def batches(trainer, num, batch_size=GLOBAL_BATCH):
     """Deterministic global batches (numpy): images, and prompts tokenized by the run's text encoder."""
     rng = np.random.default_rng(0)
     words = ["a photo of a sneaker", "a dress", "an ankle boot", "a bag"]
     out = []
     for _ in range(num):
-        ids, mask = trainer.models.text_encoder.tokenize([words[i] for i in rng.integers(0, 4, GLOBAL_BATCH)])
-        image = rng.uniform(-1, 1, (GLOBAL_BATCH,) + trainer.image_shape).astype(np.float32)
+        ids, mask = trainer.models.text_encoder.tokenize([words[i] for i in rng.integers(0, 4, batch_size)])
+        image = rng.uniform(-1, 1, (batch_size,) + trainer.image_shape).astype(np.float32)
         out.append({"image": image, "token_ids": ids, "mask": mask})
     return out
 
@@ -127,32 +122,6 @@ def process(index, count, port, out_path):
     jax.distributed.shutdown()
 
 
-def perturbed(tree, seed=0, scale=0.1):
-    """``tree`` plus N(0, scale²) noise: the U-Net's zero-initialised output layers would make a freshly
-    initialised model predict ε = 0 whatever the prompt."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-
-
-def random_text2image(mesh=None):
-    """The tiny config's U-Net and text encoder with perturbed random weights, as a Text2Image (8×8×1)."""
-    from diffjax.pipeline import Text2Image
-    from diffjax.train import build_models
-
-    config = tiny_config()
-    models, text_params = build_models(config)
-    x = jnp.zeros((1, 8, 8, 1))
-    h, length = models.text_encoder.hidden_size, models.text_encoder.max_length
-    unet_params = models.unet.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), jnp.zeros((1, length, h)),
-                                   jnp.ones((1, length), bool), pooled=jnp.zeros((1, h)))["params"]
-    sc = config.sampling
-    return Text2Image(models, perturbed(unet_params), perturbed(text_params, seed=1), (8, 8, 1),
-                      prediction_type=config.diffusion.prediction_type, sampler=sc.sampler, num_steps=sc.num_steps,
-                      guidance_scale=sc.guidance_scale, timestep_spacing=sc.timestep_spacing, mesh=mesh)
-
-
 def generate(out_path):
     """12 images on all 8 devices (chunks of 8, each sharded one image per device)."""
     assert jax.device_count() == 8
@@ -162,11 +131,59 @@ def generate(out_path):
     np.savez(out_path, images=images, devices=np.array(pipe.mesh.devices.size))
 
 
+EXPORT_PROMPTS = ["a photo of a sneaker", "a dress", "an ankle boot", "a bag", "a shirt"]
+
+
+def export_images(pipe):
+    """The images every loading path of tests/test_pipeline.py's export test is compared on."""
+    return pipe.generate(EXPORT_PROMPTS, seed=5, num_steps=3, guidance_scale=3.0)
+
+
+def export(directory):
+    """Train the tiny config on 8 devices with fsdp=4 and batch 24, checkpoint, sample from the checkpoint and
+    export a model folder (directory/run, directory/model, directory/trained.npz)."""
+    from diffjax import sharding
+    from diffjax.checkpoints import Checkpointer
+    from diffjax.pipeline import Text2Image
+    from diffjax.train import Trainer
+
+    assert jax.device_count() == 8
+    config = tiny_config()
+    config.training.batch_size, config.sharding.fsdp = 24, 4
+    trainer = Trainer(config, image_shape=(8, 8, 1))
+    assert trainer.mesh.shape == {sharding.DATA: 2, sharding.FSDP: 4}
+    state = trainer.init()
+    for b in batches(trainer, STEPS, batch_size=24):
+        state, _ = trainer.step(state, trainer.shard_batch(b))
+    fsdp_split = sum(sharding.FSDP in tuple(x.sharding.spec) for x in jax.tree_util.tree_leaves(state.ema_params))
+    ckpt = Checkpointer(os.path.join(directory, "run", "checkpoints"))
+    ckpt.save(STEPS, state, None, config)
+    ckpt.close()
+    pipe = Text2Image.from_checkpoint(os.path.join(directory, "run"))
+    assert pipe.mesh.devices.size == 8
+    pipe.save_pretrained(os.path.join(directory, "model"))
+    np.savez(os.path.join(directory, "trained.npz"), images=export_images(pipe), fsdp_split=np.array(fsdp_split))
+
+
+def load_exported(directory):
+    """On this process's devices: images from the model folder and from the training checkpoint."""
+    from diffjax.pipeline import Text2Image
+
+    folder = Text2Image.from_pretrained(os.path.join(directory, "model"))
+    ckpt = Text2Image.from_checkpoint(os.path.join(directory, "run"))
+    return export_images(folder), export_images(ckpt), folder.mesh.devices.size
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if sys.argv[1] == "layouts":
         layouts(sys.argv[2])
     elif sys.argv[1] == "generate":
         generate(sys.argv[2])
+    elif sys.argv[1] == "export":
+        export(sys.argv[2])
+    elif sys.argv[1] == "load_exported":
+        folder, ckpt, n = load_exported(sys.argv[2])
+        np.savez(sys.argv[3], folder=folder, checkpoint=ckpt, devices=np.array(n))
     else:
         process(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

@@ -5,22 +5,17 @@ Per-experiment configs (fashion_mnist.py, tiny.py, cifar10.py, text_to_image_fol
 ``--config.training.batch_size=64``. A key that is not here fails at start, naming the key.
 """
 
-import dataclasses
-
 import ml_collections
 
 from diffjax.data import default_data_config
-from diffjax.models.unet import UNetConfig
+from diffjax.models import factory
 
 
 def unet_config(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
     """All UNetConfig fields of a preset (so each can be overridden by flag, tuples as
-    ``--config.model.unet.channel_mult='(1,2,2)'``), plus the preset's name."""
-    fields = dataclasses.asdict(UNetConfig.preset(preset, **overrides))
-    # Filled from the text encoder when None (cross-attention width, pooled-embedding width).
-    fields["context_dim"] = overrides.get("context_dim")
-    fields["pooled_dim"] = None
-    return ml_collections.ConfigDict({"preset": preset, **fields}, type_safe=False)
+    ``--config.model.unet.channel_mult='(1,2,2)'``), plus the preset's name; context_dim and pooled_dim are
+    filled from the text encoder when None (``diffjax.models.factory.unet_config``)."""
+    return ml_collections.ConfigDict(factory.unet_config_fields(preset, **overrides), type_safe=False)
 
 
 def get_config() -> ml_collections.ConfigDict:

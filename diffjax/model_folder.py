@@ -1,0 +1,236 @@
+"""A self-contained model folder: everything sampling needs, nothing of the training run.
+
+Layout (one JSON config per component, as diffusers' pipelines are saved)::
+
+    model_index.json                  format version, the components, the image shape (H, W, C), and the
+                                      text encoder's token length
+    unet/config.json                  every diffjax.models.UNetConfig field
+    unet/diffusion_params.safetensors the U-Net's parameters, keys "level/module/param"
+    text_encoder/                     a transformers directory: config.json, model.safetensors, tokenizer files
+                                      (FlaxCLIPTextModel / CLIPTokenizerFast load it too)
+    scheduler/scheduler_config.json   the noise schedule and prediction type, and the sampling defaults
+                                      (sampler, num_steps, guidance_scale, timestep_spacing)
+
+The parameters are the ones the pipeline samples with (EMA by default, for an exported training run), in
+safetensors: no optimizer state, no experiment config, no pickle. A folder loads on any number of devices
+and any mesh, since the arrays are read on the host and then placed with the caller's shardings.
+
+Writing is atomic: the folder is assembled under a temporary name beside the target and renamed into
+place, so an interrupted export never leaves a half-written folder under the target name, and an existing
+model folder is replaced only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from diffjax.models import factory
+from diffjax.text import TextEncoder
+
+FORMAT = "diffjax.Text2Image"
+FORMAT_VERSION = 1
+INDEX = "model_index.json"
+UNET_CONFIG = os.path.join("unet", "config.json")
+UNET_PARAMS = os.path.join("unet", "diffusion_params.safetensors")
+TEXT_ENCODER = "text_encoder"
+SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
+SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing")
+
+
+def _host(tree: Any) -> Any:
+    """Every leaf as a numpy array on this host (gathered across processes when sharded over several)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        else:
+            out[name] = value
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _write_json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save(pipe, directory: str) -> str:
+    """Write ``pipe`` (a ``Text2Image``) as a model folder at ``directory``; returns its absolute path.
+    ``directory`` must not exist, be empty, or be a model folder (which is replaced); every process takes
+    part in gathering sharded parameters and process 0 writes."""
+    from safetensors.numpy import save_file
+
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if os.path.exists(directory) and not (os.path.isdir(directory) and (
+            not os.listdir(directory) or os.path.isfile(os.path.join(directory, INDEX)))):
+        raise FileExistsError(f"{directory} exists and is not an empty directory or a model folder; not "
+                              f"overwriting it")
+    unet_params, text_params = _host(pipe.unet_params), _host(pipe.text_params)
+    if jax.process_index() != 0:
+        return directory
+    parent = os.path.dirname(directory)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise OSError(f"cannot write the model folder {directory}: {e.strerror or e}") from e
+    try:
+        configs = factory.component_configs(pipe.models)
+        _write_json(os.path.join(tmp, INDEX), {
+            "_class_name": FORMAT, "format_version": FORMAT_VERSION, "image_shape": list(pipe.image_shape),
+            "text_max_length": pipe.models.text_encoder.max_length, "unet": "unet", "text_encoder": TEXT_ENCODER, "scheduler": "scheduler"})
+        _write_json(os.path.join(tmp, UNET_CONFIG), configs["unet"])
+        save_file({k: np.ascontiguousarray(v) for k, v in _flatten(unet_params).items()},
+                  os.path.join(tmp, UNET_PARAMS), metadata={"format": "diffjax"})
+        sampling = dict(pipe.defaults, timestep_spacing=pipe.timestep_spacing)
+        _write_json(os.path.join(tmp, SCHEDULER_CONFIG), {**configs["scheduler"], **sampling})
+        pipe.models.text_encoder.save_pretrained(os.path.join(tmp, TEXT_ENCODER), text_params)
+        if os.path.isdir(directory):
+            old = directory + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------------
+# Loading.
+# ------------------------------------------------------------------------------------------------------
+
+
+def _read_json(directory: str, name: str) -> dict:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is missing {name}: not a complete model folder")
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def check_params(params: dict, abstract: dict, path: str, config_name: str) -> None:
+    """One-line ValueError naming ``path`` when ``params`` lacks a parameter of ``abstract``, has one it does
+    not, or has one of another shape."""
+    got = {k: np.shape(v) for k, v in _flatten(params).items()}
+    want = {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
+
+    def some(names):
+        names = sorted(names)
+        return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+
+    if want.keys() - got.keys():
+        raise ValueError(f"{path}: missing parameters {some(want.keys() - got.keys())} that {config_name} needs")
+    if got.keys() - want.keys():
+        raise ValueError(f"{path}: parameters {some(got.keys() - want.keys())} are not in the model of "
+                         f"{config_name}")
+    for k in sorted(want):
+        if got[k] != want[k]:
+            raise ValueError(f"{path}: parameter {k} has shape {got[k]}, but {config_name} gives {want[k]}")
+
+
+_HF_MISMATCH = re.compile(r"weight for \((.*?)\) failed: checkpoint has shape (\(.*?\)) which is incompatible "
+                          r"with the model shape (\(.*?\))")
+
+
+def _load_text_encoder(directory: str, max_length) -> tuple[TextEncoder, dict]:
+    path = os.path.join(directory, TEXT_ENCODER)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{directory} is missing {os.path.join(TEXT_ENCODER, 'config.json')}: not a "
+                                f"complete model folder")
+    try:
+        encoder, params = TextEncoder.from_pretrained(path, max_length=max_length)
+    except ValueError as e:  # transformers' shape check
+        m = _HF_MISMATCH.search(str(e))
+        if m is None:
+            raise ValueError(f"{path}: {' '.join(str(e).split())[:300]}") from None
+        key = "/".join(part.strip(" '\"") for part in m.group(1).split(","))
+        raise ValueError(f"{os.path.join(path, 'model.safetensors')}: parameter {key} has shape {m.group(2)}, but "
+                         f"{TEXT_ENCODER}/config.json gives {m.group(3)}") from None
+    return encoder, params
+
+
+def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, dict, tuple, dict]:
+    """(models, {"unet": ..., "text": ...}, image_shape, sampling defaults) of the model folder at
+    ``directory``. ``place`` maps the parameters' abstract tree to the same tree with target shardings."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = os.path.abspath(os.path.expanduser(directory))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no model folder at {directory}")
+    if not os.path.isfile(os.path.join(directory, INDEX)):
+        raise FileNotFoundError(f"{directory} is not a diffjax model folder (no {INDEX}; write one with "
+                                f"Text2Image.save_pretrained or --mode=export)")
+    index = _read_json(directory, INDEX)
+    if index.get("_class_name") != FORMAT or int(index.get("format_version", -1)) > FORMAT_VERSION:
+        raise ValueError(f"{os.path.join(directory, INDEX)}: not a {FORMAT} folder of format version <= "
+                         f"{FORMAT_VERSION} (_class_name={index.get('_class_name')!r}, "
+                         f"format_version={index.get('format_version')!r})")
+    shape = index.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise ValueError(f"{os.path.join(directory, INDEX)}: image_shape must be [H, W, C], got {shape!r}")
+    unet_fields = _read_json(directory, UNET_CONFIG)
+    scheduler = _read_json(directory, SCHEDULER_CONFIG)
+    defaults = {k: scheduler.pop(k) for k in SAMPLING_KEYS if k in scheduler}
+    encoder, text_params = _load_text_encoder(directory, index.get("text_max_length"))
+    try:
+        models = factory.models_from_components(unet_fields, encoder, scheduler)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{directory}: {' '.join(str(e).split())}") from None
+    if int(shape[2]) != models.unet.config.in_channels:
+        raise ValueError(f"{os.path.join(directory, INDEX)}: image_shape {shape} has {shape[2]} channels, "
+                         f"{UNET_CONFIG} in_channels={models.unet.config.in_channels}")
+    params_path = os.path.join(directory, UNET_PARAMS)
+    if not os.path.isfile(params_path):
+        raise FileNotFoundError(f"{directory} is missing {UNET_PARAMS}: not a complete model folder")
+    try:
+        unet_params = _unflatten(load_file(params_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{params_path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+    abstract = models.abstract_params()
+    check_params(unet_params, abstract["unet"], params_path, UNET_CONFIG)
+    check_params(text_params, abstract["text"], os.path.join(directory, TEXT_ENCODER, "model.safetensors"),
+                 os.path.join(TEXT_ENCODER, "config.json"))
+    target = place(abstract)
+    params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
+                                    {"unet": unet_params, "text": text_params}, target)
+    return models, params, tuple(shape), defaults

@@ -1,0 +1,69 @@
+"""Shared fixtures: the environment of the tests' subprocesses (simulated devices, the repo on PYTHONPATH), a
+runner for the command line, and fake Fashion-MNIST files. Stand-ins for models live in tests/fakes.py, which
+tests/train_worker.py (a subprocess) imports too."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fakes import write_fake_fashion_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "train_worker.py")
+
+
+def _subprocess_env(devices: int = 1) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def subprocess_env():
+    """``subprocess_env(devices=1)``: the environment of a subprocess on ``devices`` simulated CPU devices."""
+    return _subprocess_env
+
+
+@pytest.fixture(scope="session")
+def run_main():
+    """``run_main(args, devices=1)``: ``python -m experiments.main ARGS`` from the repo root, output captured."""
+
+    def run(args, devices=1, timeout=600):
+        return subprocess.run([sys.executable, "-m", "experiments.main", *args], env=_subprocess_env(devices),
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_worker():
+    """``run_worker(args, devices=1)``: ``python tests/train_worker.py ARGS``; asserts that it succeeded."""
+
+    def run(args, devices=1, timeout=1800):
+        proc = subprocess.run([sys.executable, WORKER, *map(str, args)], env=_subprocess_env(devices),
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def fake_fashion_mnist_dir(tmp_path_factory):
+    """Fashion-MNIST's four IDX files with 60 random training and 20 test images."""
+    idx = tmp_path_factory.mktemp("idx")
+    write_fake_fashion_mnist(str(idx), n_train=60, n_test=20)
+    return str(idx)
+
+
+def error_line(proc) -> str:
+    """The last non-empty stderr line of a failed command."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1]
+
+
+@pytest.fixture(scope="session")
+def last_error_line():
+    return error_line
