@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from diffjax.models.classifier import ImageClassifier
-from diffjax.pipeline import to_uint8
+from diffjax.pixels import from_uint8, to_uint8
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class FeatureNet:
     def logits_and_features(self, images: np.ndarray, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
         """images uint8 [0, 255] or float [-1, 1], (N, H, W, C) → (logits (N, K), features (N, D))."""
         x = np.asarray(images)
-        x = x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
+        x = from_uint8(x) if x.dtype == np.uint8 else x.astype(np.float32)
         logits, feats = [], []
         for s in range(0, len(x), batch_size):
             chunk = x[s:s + batch_size]

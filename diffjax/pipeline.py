@@ -37,19 +37,10 @@ from diffjax import guidance, samplers, sharding
 from diffjax.checkpoints import abstract_with_shardings
 from diffjax.models import factory
 from diffjax.models.factory import Models
+from diffjax.pixels import from_uint8, to_uint8
 from diffjax.text import check_prompts
 
 Array = jax.Array
-
-
-def to_uint8(x: jax.Array) -> np.ndarray:
-    """Images in [-1, 1] → uint8 in [0, 255]: round((x + 1) · 127.5), clipped."""
-    return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
-
-
-def from_uint8(images: np.ndarray) -> np.ndarray:
-    """uint8 images in [0, 255] → float32 in [-1, 1] (the inverse of ``to_uint8`` on the uint8 grid)."""
-    return np.asarray(images, np.float32) / 127.5 - 1.0
 
 
 class Text2Image:

@@ -98,14 +98,6 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: str = "leading
     return ts.astype(np.int64) if integer else ts
 
 
-def vp_sigmas(schedule: NoiseSchedule) -> np.ndarray:
-    """σ_t = √((1 - ᾱ_t) / ᾱ_t) for t = 0..T-1 in float64. A zero ᾱ_{T-1} (zero terminal SNR) is replaced by
-    2⁻²⁴, as diffusers does, so that σ_max stays finite."""
-    ab = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
-    ab = np.where(ab == 0.0, 2.0**-24, ab)
-    return np.sqrt((1.0 - ab) / ab)
-
-
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022 (EDM), eq. 5: σ_i = (σ_max^{1/ρ} + i/(N-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ."""
     ramp = np.linspace(0, 1, num_steps)
@@ -123,7 +115,7 @@ def _sigma_schedule(schedule: NoiseSchedule, num_steps: int, spacing: str, steps
                     use_karras_sigmas: bool, rho: float, integer_timesteps: bool):
     """(timesteps, σ) for the VE-form samplers, as diffusers' Euler, Heun and DPM-Solver schedulers pick them:
     σ interpolated at the spaced timesteps, or Karras σ between their ends and the timesteps mapped back."""
-    all_sigmas = vp_sigmas(schedule)
+    all_sigmas = schedule.sigmas
     ts = spaced_timesteps(schedule.num_timesteps, num_steps, spacing, steps_offset, integer=integer_timesteps)
     sigmas = np.interp(ts.astype(np.float64), np.arange(len(all_sigmas)), all_sigmas)
     if use_karras_sigmas:
@@ -368,7 +360,7 @@ def dpm_solver_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str =
         ts = spaced_timesteps(T, num_steps + 1, spacing, steps_offset)[:-1]
     else:
         ts = spaced_timesteps(T, num_steps, spacing, steps_offset)
-    all_sigmas = vp_sigmas(schedule)
+    all_sigmas = schedule.sigmas
     sigmas = all_sigmas[ts]
     if use_karras_sigmas:
         sigmas = karras_sigmas(all_sigmas[0], all_sigmas[-1], num_steps, rho)

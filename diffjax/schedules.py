@@ -49,9 +49,14 @@ class NoiseSchedule:
         return jnp.concatenate([jnp.ones((1,), self.alphas_cumprod.dtype), self.alphas_cumprod[:-1]])
 
     @property
-    def sigmas(self) -> Array:
-        """The variance-exploding noise level σ_t = √((1 - ᾱ_t) / ᾱ_t) (Karras et al. 2022, eq. 2)."""
-        return jnp.sqrt((1.0 - self.alphas_cumprod) / self.alphas_cumprod)
+    def sigmas(self) -> np.ndarray:
+        """The variance-exploding noise levels σ_t = √((1 - ᾱ_t) / ᾱ_t) (Karras et al. 2022, eq. 2), t = 0..T-1,
+        in float64 on the host (the samplers build their step grids from them; not usable inside a trace).
+        A zero ᾱ_{T-1} (zero terminal SNR) is replaced by 2⁻²⁴, as diffusers does, so that σ_max stays
+        finite."""
+        ab = np.asarray(self.alphas_cumprod, dtype=np.float64)
+        ab = np.where(ab == 0.0, 2.0**-24, ab)
+        return np.sqrt((1.0 - ab) / ab)
 
     @property
     def snr(self) -> Array:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import guidance, pipeline, samplers, schedules
+from diffjax import guidance, pipeline, pixels, samplers, schedules
 
 CLASSES = ("ring", "square", "cross", "stripes")
 
@@ -49,7 +49,7 @@ def posterior_mean_denoiser(images: np.ndarray, labels: np.ndarray, schedule: sc
     """denoiser(x_t, t, cond) -> ε for the empirical data, cond = class index (-1: unconditional)."""
     data = jnp.asarray(images.reshape(len(images), -1))
     labels = jnp.asarray(labels)
-    sigmas = jnp.asarray(samplers.vp_sigmas(schedule), jnp.float32)
+    sigmas = jnp.asarray(schedule.sigmas, jnp.float32)
 
     def denoiser(x_t, t, cond):
         sig = jnp.interp(t, jnp.arange(schedule.num_timesteps, dtype=jnp.float32), sigmas)[:, None]
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         d2 = ((out.reshape(len(out), 1, -1) - images.reshape(1, len(images), -1)) ** 2).sum(-1)
         accuracy = float(np.mean(labels[d2.argmin(1)] == np.asarray(cond)))
         path = os.path.join(args.workdir, f"samples_{name}.png")
-        pipeline.save_image(pipeline.image_grid(pipeline.to_uint8(out), rows=len(CLASSES)), path, scale=3)
+        pipeline.save_image(pipeline.image_grid(pixels.to_uint8(out), rows=len(CLASSES)), path, scale=3)
         results[name] = accuracy
         print(f"{name:9s} {args.num_steps} steps  class accuracy {accuracy:.2f}  ({seconds:.1f}s incl. compile) -> {path}")
     return results

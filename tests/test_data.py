@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffjax import data
+from diffjax import data, pixels
 from diffjax.data import captions, fashion_mnist, images
 from diffjax.text import TextEncoder
 from fakes import write_fake_fashion_mnist
@@ -102,7 +102,7 @@ def test_fit_image_crop_and_pad():
     cropped = images.fit_image(wide, 10, "crop")
     assert cropped.shape == (10, 10, 3) and (cropped == 200).all()
     assert images.fit_image(wide, 5, "crop").shape == (5, 5, 3)
-    np.testing.assert_array_equal(images.to_float(np.array([0, 255], np.uint8)), [-1.0, 1.0])
+    np.testing.assert_array_equal(pixels.from_uint8(np.array([0, 255], np.uint8)), [-1.0, 1.0])
 
 
 # -- Fashion-MNIST builder and the pipeline ----------------------------------------------------------

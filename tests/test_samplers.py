@@ -16,7 +16,7 @@ X0 = jax.random.uniform(jax.random.key(5), SHAPE, minval=-1, maxval=1)
 def _alpha_sigma_at(t, schedule=SCHED):
     """(α, σ) at possibly fractional t, as the VE samplers define it: σ_VE interpolated linearly in t."""
     sig = jnp.interp(t, jnp.arange(schedule.num_timesteps, dtype=jnp.float32),
-                     jnp.asarray(samplers.vp_sigmas(schedule), jnp.float32))
+                     jnp.asarray(schedule.sigmas, jnp.float32))
     a = jax.lax.rsqrt(sig**2 + 1)
     return a.reshape(-1, 1, 1, 1), (sig * a).reshape(-1, 1, 1, 1)
 
@@ -110,7 +110,7 @@ def test_spacings():
     assert s[0] == pytest.approx(80.0) and s[-1] == pytest.approx(0.002)
     # ρ = 7: σ^{1/7} is linear in the step index (Karras et al. 2022, eq. 5).
     np.testing.assert_allclose(np.diff(s ** (1 / 7)), np.diff(s ** (1 / 7))[0], rtol=1e-10)
-    sig = samplers.vp_sigmas(SCHED)
+    sig = SCHED.sigmas
     np.testing.assert_allclose(samplers.sigma_to_t(sig[[0, 10, 999]], sig), [0, 10, 999], atol=1e-9)
 
 

@@ -118,6 +118,17 @@ def test_snr_and_log_snr():
     np.testing.assert_allclose(np.asarray(s.sigmas)[[0, 10, 999]], np.sqrt((1 - ab) / ab), rtol=1e-5)
 
 
+def test_sigmas_stay_finite_at_zero_terminal_snr():
+    """σ_t = √((1 - ᾱ_t)/ᾱ_t) in float64, with ᾱ_{T-1} = 0 replaced by 2⁻²⁴ (σ_max = √(2²⁴ - 1) ≈ 4096)."""
+    s = S.get_schedule("scaled_linear", 1000, rescale_to_zero_snr=True)
+    assert float(s.alphas_cumprod[-1]) == 0.0
+    sig = s.sigmas
+    assert sig.dtype == np.float64 and np.all(np.isfinite(sig)) and np.all(np.diff(sig) > 0)
+    assert sig[-1] == np.sqrt(2.0**24 - 1)
+    ab = np.asarray(s.alphas_cumprod, np.float64)[:-1]
+    np.testing.assert_array_equal(sig[:-1], np.sqrt((1 - ab) / ab))
+
+
 def test_prediction_conversions_round_trip():
     s = S.get_schedule("scaled_linear", 1000)
     k0, k1, k2 = jax.random.split(jax.random.key(0), 3)

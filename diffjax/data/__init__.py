@@ -24,7 +24,7 @@ from diffjax.data.image_folder import (
     prepare_image_folder,
     read_captions_file,
 )
-from diffjax.data.pipeline import (
+from diffjax.data.input_pipeline import (
     DatasetSummary,
     default_data_config,
     describe_dataset,

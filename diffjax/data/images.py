@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["RESIZE_MODES", "encode_png", "fit_image", "load_image", "set_channels", "to_float"]
+__all__ = ["RESIZE_MODES", "encode_png", "fit_image", "load_image", "set_channels"]
 
 # "crop": scale the shorter side to the size (antialiased bicubic), then center-crop the longer one.
 # "pad":  no resampling: center-pad with black (or center-crop) to the size, e.g. Fashion-MNIST 28 -> 32.
@@ -105,8 +105,3 @@ def set_channels(image: np.ndarray, channels: int) -> np.ndarray:
         luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None]
     raise ValueError(f"cannot convert an image with {image.shape[-1]} channels to {channels}")
-
-
-def to_float(image: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1]: ``x = image / 127.5 - 1`` (0 -> -1, 255 -> 1)."""
-    return image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)

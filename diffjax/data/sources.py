@@ -32,7 +32,7 @@ from diffjax.data.fashion_mnist import prepare_fashion_mnist
 from diffjax.data.image_folder import prepare_image_folder
 from diffjax.data.images import fit_image, set_channels
 
-__all__ = ["DataSource", "InMemorySource", "load_source"]
+__all__ = ["DataSource", "InMemorySource", "as_text", "load_source"]
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def _decode_to_memory(ds: DataSource, chunk: int = 1024) -> InMemorySource:
             if labels is not None:
                 labels[i] = record[ds.label_key]
             if captions is not None:
-                captions.append(_as_text(record[ds.caption_key]))
+                captions.append(as_text(record[ds.caption_key]))
     log.info("decoded %s[%s] (%d images) into memory in %.1fs", ds.name, ds.split, n, time.perf_counter() - start)
     return InMemorySource(images, labels, captions, ds.image_key, ds.label_key, ds.caption_key)
 
@@ -311,7 +311,8 @@ def prepare_image(image: np.ndarray, shape: tuple[int, int, int], resize_mode: s
     return image
 
 
-def _as_text(value) -> str:
+def as_text(value) -> str:
+    """A caption field as ``str``: tfds text features come back as bytes or 0-d object arrays."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, np.ndarray):

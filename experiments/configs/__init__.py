@@ -8,7 +8,7 @@ from typing import Iterable
 import ml_collections
 
 from diffjax import losses, samplers, schedules
-from diffjax.data.pipeline import validate_data_config
+from diffjax.data.input_pipeline import validate_data_config
 
 
 def _flat_keys(cfg, prefix=""):

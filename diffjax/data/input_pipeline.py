@@ -58,8 +58,9 @@ import ml_collections
 import numpy as np
 
 from diffjax.data.captions import DEFAULT_TEMPLATES, LabelCaptioner, class_prompts
-from diffjax.data.images import RESIZE_MODES, to_float
-from diffjax.data.sources import DataSource, InMemorySource, _as_text, load_source, prepare_image
+from diffjax.data.images import RESIZE_MODES
+from diffjax.data.sources import DataSource, InMemorySource, as_text, load_source, prepare_image
+from diffjax.pixels import from_uint8
 
 __all__ = [
     "DatasetSummary",
@@ -214,7 +215,7 @@ class _LoadBatch(grain.transforms.MapWithIndex):
         records = src.__getitems__(indices.tolist()) if hasattr(src, "__getitems__") else [src[int(i)] for i in indices]
         images = np.stack([prepare_image(r[self.image_key], self.shape, self.resize_mode) for r in records])
         labels = np.array([r[self.label_key] for r in records], np.int32) if self.label_key else None
-        captions = [_as_text(r[self.caption_key]) for r in records] if self.caption_key else None
+        captions = [as_text(r[self.caption_key]) for r in records] if self.caption_key else None
         return images, labels, captions
 
     def __getstate__(self):  # for grain's worker processes: no lock, an empty cache
@@ -256,7 +257,7 @@ class _LoadBatch(grain.transforms.MapWithIndex):
         if self.random_flip:
             flip = u[:, 2] < 0.5
             images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        batch = {"image": to_float(images)}
+        batch = {"image": from_uint8(images)}
         if self.tokenize is not None:
             batch["token_ids"], batch["mask"] = self._tokenize(captions)
         if labels is not None:
@@ -316,7 +317,29 @@ def make_grain_dataset(
     num_epochs: int | None = None,
     keep_captions: bool = False,
 ) -> grain.IterDataset:
-    """The pipeline as a ``grain.IterDataset`` (see :func:`make_dataset`, which iterates it)."""
+    """The pipeline as a ``grain.IterDataset`` of this process's batches for a ``data`` config
+    (:func:`default_data_config`); :func:`make_dataset` iterates it.
+
+    Args:
+      config: the ``data`` ConfigDict.
+      tokenizer: a :class:`diffjax.text.TextEncoder` (anything with ``.tokenize(list_of_str) ->
+        (ids, mask)``) or such a callable; ``None`` leaves the captions untokenized (``"caption"``).
+      split: tfds split string, e.g. ``config.train_split`` or ``"train[:95%]"``.
+      global_batch_size: batch size over all processes; each process yields
+        ``global_batch_size // process_count`` rows (an error if it does not divide).
+      seed: the same seed gives the same batches (order, captions, flips).
+      process_index, process_count: this process's shard (default ``jax.process_index()``,
+        ``jax.process_count()``).
+      shuffle: shuffle each epoch (a new permutation per epoch).
+      num_epochs: ``None`` repeats forever; otherwise stop after that many epochs.  Each epoch
+        yields ``len(split) // global_batch_size`` batches (the remainder is dropped).
+      keep_captions: also return the caption strings (``"caption"``, object array).
+
+    Returns:
+      a ``grain.IterDataset`` of dicts of numpy arrays: ``image`` float32 (B, H, W, C) in
+      [-1, 1], ``token_ids`` int32 (B, L), ``mask`` bool (B, L), ``label`` int32 (B,) for labelled
+      datasets.
+    """
     config = validate_data_config(config)
     p, num_p, local_batch = _process_layout(global_batch_size, process_index, process_count)
     if num_epochs is not None and int(num_epochs) <= 0:
@@ -362,52 +385,8 @@ def make_grain_dataset(
     return it_ds
 
 
-def make_dataset(
-    config,
-    tokenizer,
-    *,
-    split: str,
-    global_batch_size: int,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    keep_captions: bool = False,
-) -> grain.DatasetIterator:
-    """An iterator of this process's batches for a ``data`` config (:func:`default_data_config`).
-
-    Args:
-      config: the ``data`` ConfigDict.
-      tokenizer: a :class:`diffjax.text.TextEncoder` (anything with ``.tokenize(list_of_str) ->
-        (ids, mask)``) or such a callable; ``None`` leaves the captions untokenized (``"caption"``).
-      split: tfds split string, e.g. ``config.train_split`` or ``"train[:95%]"``.
-      global_batch_size: batch size over all processes; each process yields
-        ``global_batch_size // process_count`` rows (an error if it does not divide).
-      seed: the same seed gives the same batches (order, captions, flips).
-      process_index, process_count: this process's shard (default ``jax.process_index()``,
-        ``jax.process_count()``).
-      shuffle: shuffle each epoch (a new permutation per epoch).
-      num_epochs: ``None`` repeats forever; otherwise stop after that many epochs.  Each epoch
-        yields ``len(split) // global_batch_size`` batches (the remainder is dropped).
-      keep_captions: also return the caption strings (``"caption"``, object array).
-
-    Returns:
-      a ``grain.DatasetIterator`` of dicts of numpy arrays: ``image`` float32 (B, H, W, C) in
-      [-1, 1], ``token_ids`` int32 (B, L), ``mask`` bool (B, L), ``label`` int32 (B,) for labelled
-      datasets.  ``get_state()`` / ``set_state()`` save and restore its position.
-    """
-    return iter(
-        make_grain_dataset(
-            config,
-            tokenizer,
-            split=split,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            process_index=process_index,
-            process_count=process_count,
-            shuffle=shuffle,
-            num_epochs=num_epochs,
-            keep_captions=keep_captions,
-        )
-    )
+def make_dataset(config, tokenizer, **options) -> grain.DatasetIterator:
+    """``iter(make_grain_dataset(config, tokenizer, **options))``: an iterator of this process's batches,
+    whose ``get_state()`` / ``set_state()`` save and restore its position (the arguments are
+    :func:`make_grain_dataset`'s)."""
+    return iter(make_grain_dataset(config, tokenizer, **options))

@@ -1,0 +1,111 @@
+"""The module structure: every module imports alone, the import graph has no cycle, the pure math imports no
+model, training, pipeline or I/O module, inference imports nothing of training, and no private name crosses
+a module boundary. The graph is read from the source (``ast``), function-level imports included."""
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MATH = ("diffjax.schedules", "diffjax.losses", "diffjax.samplers", "diffjax.guidance", "diffjax.pixels")
+TRAINING = ("diffjax.train", "diffjax.loop")
+INFERENCE = ("diffjax.pipeline", "diffjax.model_folder", "diffjax.models.factory")
+
+
+def _modules(package="diffjax"):
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dirpath, f), ROOT)[:-3].replace(os.sep, ".")
+                out[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(dirpath, f)
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(path, module):
+    """(imported diffjax module, imported names) for every import statement in the file."""
+    tree = ast.parse(open(path).read(), path)
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, ()
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = tuple(a.name for a in node.names)
+            attrs = tuple(n for n in names if f"{base}.{n}" not in MODULES)
+            if attrs or node.module is None:
+                yield base, attrs
+            for n in names:
+                if f"{base}.{n}" in MODULES:
+                    yield f"{base}.{n}", ()
+
+
+def _graph():
+    graph = {}
+    for module, path in MODULES.items():
+        deps = set()
+        for name, _ in _imports(path, module):
+            if name in MODULES and name != module:
+                deps.add(name)
+        graph[module] = deps
+    return graph
+
+
+def _reachable(graph, start):
+    seen, todo = set(), [start]
+    while todo:
+        for d in graph[todo.pop()]:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+def test_import_graph_has_no_cycle_and_points_one_way():
+    graph = _graph()
+    for module in graph:
+        # A package's __init__ imports its own submodules; a submodule importing its package is a cycle only
+        # through another submodule, which the check below sees.
+        deps = _reachable({m: {d for d in ds if not m.startswith(d + ".")} for m, ds in graph.items()}, module)
+        assert module not in deps, f"import cycle through {module}"
+    for module in MATH:
+        assert _reachable(graph, module) <= set(MATH), (module, _reachable(graph, module) - set(MATH))
+    for module in INFERENCE:
+        bad = _reachable(graph, module) & set(TRAINING)
+        assert not bad, f"{module} imports training modules {bad}"
+    users_of_both = [m for m in graph if {"diffjax.train", "diffjax.pipeline"} <= graph[m]]
+    assert users_of_both == ["diffjax.loop"], users_of_both
+
+
+def test_no_private_name_is_imported_across_modules():
+    files = dict(MODULES)
+    for package in ("experiments", "benchmarks"):
+        files.update(_modules(package))
+    bad = []
+    for module, path in files.items():
+        for name, names in _imports(path, module):
+            if name.startswith("diffjax"):
+                bad += [f"{module} imports {name}.{n}" for n in names if n.startswith("_") and n != "__version__"]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_every_module_imports_alone_in_a_fresh_interpreter(chunk):
+    """Each module first in its own interpreter (a cycle hidden by import order shows up this way)."""
+    modules = sorted(MODULES)[chunk::4]
+    procs = [(m, subprocess.Popen([sys.executable, "-c", f"import {m}"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT,
+                                  JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             for m in modules]
+    failed = {m: p.communicate(timeout=600)[1][-1500:] for m, p in procs}
+    failed = {m: err for (m, p), err in zip(procs, failed.values()) if p.returncode}
+    assert not failed, failed
