@@ -19,4 +19,4 @@ def from_uint8(images) -> np.ndarray:
 
 def to_uint8(x) -> np.ndarray:
     """Images in [-1, 1] (numpy or jax) → uint8 in [0, 255]: round((x + 1) · 127.5), clipped."""
-    return np.asarray(jnp.clip(jnp.round((jnp.asarray(x) + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+    return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8))

@@ -1,4 +1,4 @@
-"""Image helpers shared by the builders and the pipeline (PIL and numpy only, no TensorFlow)."""
+"""Image helpers shared by the builders and the input pipeline (PIL and numpy only, no TensorFlow)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Random-access sources for the pipeline: which dataset ``data.name`` means and where it is.
+"""Random-access sources for the input pipeline: which dataset ``data.name`` means and where it is.
 
 ``data.name`` selects one of three kinds of dataset, all read through tfds's array_record data
 sources (random access, no TensorFlow):
