@@ -6,13 +6,38 @@ The only module that imports both training (``diffjax.train``: the compiled, sha
 
     trainer = Trainer(config)
     state = loop.train(trainer, workdir)          # resumes from workdir's latest checkpoint if any
+
+What the run guarantees (tests/test_reliability.py):
+
+* SIGTERM (a preempted VM, a scheduler) or Ctrl-C: the step in flight finishes, a checkpoint is written with
+  the data-iterator position, and ``train`` returns; the next run resumes bitwise where it stopped. A second
+  Ctrl-C interrupts at once. With several processes, SIGTERM goes through JAX's preemption sync (all
+  processes stop at the same step).
+* Updates with a non-finite loss or gradient are skipped inside the compiled step (``train.update_guard``);
+  the parameters never turn non-finite, so no checkpoint, sample or export holds NaNs. The host looks at the
+  counters when it fetches metrics anyway (every ``log_every`` steps, and before each checkpoint):
+  ``training.on_nonfinite="stop"`` or ``max_consecutive_skips`` skipped updates in a row stop the run with
+  :class:`RunError`, the checkpoints intact.
+* A checkpoint that cannot be read (truncated, zeroed or missing files) is named with its step and file; with
+  ``training.on_corrupt_checkpoint="fallback"`` (the default: an automatically restarted run must not
+  crash-loop on one bad save) it is moved to ``WORKDIR/corrupt_checkpoints/`` for inspection and the run
+  resumes from the newest readable one. Partial checkpoints of an interrupted save are never restored.
+* One run per workdir: a second one fails at once (an ``flock`` on ``WORKDIR/.lock``, released by the
+  kernel when the holder dies, so a crashed run leaves no stale lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
+import re
+import shutil
+import signal
+import socket
+import threading
 import time
 from typing import Callable, Optional
 
@@ -22,6 +47,139 @@ import jax.numpy as jnp
 from diffjax import pipeline
 from diffjax.checkpoints import Checkpointer
 from diffjax.train import Trainer, TrainState
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on; the message is one line saying why and what is left on disk."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold an exclusive ``flock`` on ``WORKDIR/.lock`` for the block (process 0 only; others share its
+    workdir). RunError when another live process holds it; the kernel drops the lock of a dead process."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = os.path.join(workdir, ".lock")
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"workdir {workdir} is in use by another run ({holder}); wait for it to finish or use "
+                       f"another --workdir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+class StopRequest:
+    """SIGTERM / SIGINT handlers for the block: the first signal sets ``requested`` (the loop checkpoints and
+    returns after the step in flight); a second SIGINT raises KeyboardInterrupt at once. Installed only in the
+    main thread; with several processes SIGTERM is left to JAX's preemption sync (``reached_preemption``)."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = name
+        logging.warning("%s received: finishing the current step, then checkpointing and stopping", name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"), os.path.join("state", "manifest.ocdbt"))
+_TS_PATH = re.compile(r"'path': '([^']*)'")
+
+
+def _unreadable(error: BaseException, step_dir: str) -> str:
+    """Where a checkpoint is damaged: a missing or empty file of ``step_dir``, else the array that tensorstore
+    failed on (ocdbt packs many arrays per data file), else the error's first words."""
+    for name in _REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(step_dir, name)):
+            return f"{os.path.join(step_dir, name)} is missing"
+    for root, _, files in os.walk(step_dir):
+        for f in sorted(files):
+            if os.path.getsize(os.path.join(root, f)) == 0 and f != "commit_success.txt":
+                return f"{os.path.join(root, f)} is empty"
+    paths = _TS_PATH.findall(str(error))
+    if len(paths) >= 2:
+        return f"{paths[0]} cannot give the array {paths[-1].rstrip('/')} ({type(error).__name__})"
+    return f"{step_dir}: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+
+
+def restore_latest(ckpt: Checkpointer, target, workdir: str, policy: str):
+    """(state, data state) of the newest readable checkpoint, or None when there is none. An unreadable one
+    raises RunError (``policy="fail"``) or is moved to WORKDIR/corrupt_checkpoints and the previous one is
+    tried (``"fallback"``). Directories of an interrupted save are reported and ignored."""
+    partial = sorted(d for d in os.listdir(ckpt.directory) if ".orbax-checkpoint-tmp" in d)
+    if partial:
+        logging.warning("ignoring %d partial checkpoint(s) of an interrupted save in %s: %s", len(partial),
+                        ckpt.directory, ", ".join(partial))
+    moved = []
+    for step in reversed(ckpt.steps()):
+        step_dir = os.path.join(ckpt.directory, str(step))
+        try:
+            state, data_state, _ = ckpt.restore(target, step)
+            return state, data_state
+        except Exception as e:  # orbax and tensorstore raise many types for damaged files
+            where = _unreadable(e, step_dir)
+            if policy != "fallback":
+                raise RunError(f"checkpoint step {step} cannot be read: {where} (with "
+                               f"--config.training.on_corrupt_checkpoint=fallback the run resumes from the newest "
+                               f"readable checkpoint)") from None
+            aside = os.path.join(workdir, "corrupt_checkpoints", f"step_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+            if jax.process_index() == 0:
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                shutil.move(step_dir, aside)
+            ckpt.reload()
+            moved.append(aside)
+            logging.warning("checkpoint step %d cannot be read (%s); moved to %s, trying the previous one", step,
+                            where, aside)
+    if moved:  # never start afresh over a run whose every checkpoint is damaged
+        raise RunError(f"no readable checkpoint in {ckpt.directory}; the unreadable ones are in "
+                       f"{os.path.dirname(moved[0])}")
+    return None
+
+
+def check_guard(guard: dict, step: int, policy: str, max_consecutive: int, last_checkpoint: Optional[int],
+                seen: dict) -> None:
+    """On the host, with counters fetched anyway: RunError when the run must stop (a non-finite update with
+    ``policy="stop"``, or ``max_consecutive`` skipped updates in a row); a warning for new skipped updates."""
+    g = {k: v.item() for k, v in jax.device_get(guard).items()}
+    kept = f"the last checkpoint (step {last_checkpoint}) is intact" if last_checkpoint else "no checkpoint was written"
+    if policy == "stop" and g["nonfinite"] > 0:
+        raise RunError(f"the loss or gradient was not finite at step {g['last_skipped']} "
+                       f"(training.on_nonfinite=stop); stopped at step {step}, {kept}")
+    if max_consecutive and g["consecutive"] >= max_consecutive:
+        raise RunError(f"{g['consecutive']} updates in a row were skipped (non-finite or spiking loss, the last at "
+                       f"step {g['last_skipped']}): the run diverged; {kept}; lower optim.learning_rate or "
+                       f"raise training.max_consecutive_skips")
+    if g["skipped"] > seen.get("skipped", 0):
+        logging.warning("%d update(s) skipped so far (non-finite or spiking loss), the last at step %d",
+                        g["skipped"], g["last_skipped"])
+    seen["skipped"] = g["skipped"]
 
 
 class MetricWriter:
@@ -74,23 +232,36 @@ def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> Trai
     """The whole run: resume from ``workdir``'s latest checkpoint if any, train to ``training.num_steps`` with
     metrics (TensorBoard + progress bar or log lines), sample grids, held-out loss and checkpoints.
     ``stop_at`` ends the run early after that step, with a checkpoint (as a preemption would)."""
-    from diffjax.data import describe_dataset, make_dataset
+    from diffjax.data import describe_dataset
 
-    cfg, tc, sc = trainer.config, trainer.config.training, trainer.config.sampling
-    lead = jax.process_index() == 0
+    cfg, tc = trainer.config, trainer.config.training
     os.makedirs(workdir, exist_ok=True)
     info = describe_dataset(cfg.data, cfg.data.train_split)
     if tuple(info.image_shape) != tuple(trainer.image_shape):
         raise ValueError(f"data gives images of shape {info.image_shape}, the model is built for "
                          f"{trainer.image_shape} (config.data.image_size / channels)")
+    with workdir_lock(workdir), StopRequest() as stop_request:
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
+        writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+        try:
+            return _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at)
+        finally:
+            ckpt.close()  # waits for the last asynchronous save
+            writer.close()
+
+
+def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
+    from diffjax.data import make_dataset
+
+    cfg, tc, sc = trainer.config, trainer.config.training, trainer.config.sampling
+    lead = jax.process_index() == 0
     enc = trainer.models.text_encoder
     data_kw = dict(global_batch_size=tc.batch_size, process_index=jax.process_index(),
                    process_count=jax.process_count())
     train_it = make_dataset(cfg.data, enc, split=cfg.data.train_split, seed=cfg.seed, **data_kw)
-
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
-    if ckpt.latest_step() is not None:
-        state, data_state, _ = ckpt.restore(trainer.restore_target())
+    restored = restore_latest(ckpt, trainer.restore_target(), workdir, tc.on_corrupt_checkpoint)
+    if restored is not None:
+        state, data_state = restored
         if data_state:
             train_it.set_state(data_state)
         logging.info("resumed from step %d in %s", int(state.step), workdir)
@@ -98,7 +269,6 @@ def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> Trai
         state = trainer.init()
     start, last = int(state.step), int(tc.num_steps)
 
-    writer = MetricWriter(os.path.join(workdir, "tensorboard"))
     prompts = [p for p in sc.prompts.split("|") if p] if sc.prompts else info.prompts()
     sampler = pipeline.Text2Image(trainer.models, None, None, trainer.image_shape, sampler=sc.sampler,
                                   num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
@@ -109,9 +279,13 @@ def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> Trai
 
         bar = tqdm(total=last, initial=start, desc="train", dynamic_ncols=True)
     timer = {"time": time.perf_counter(), "step": start}
-    metrics = None
+    metrics, seen = None, {}
+
+    def check(step):
+        check_guard(state.guard, step, tc.on_nonfinite, tc.max_consecutive_skips, ckpt.latest_step(), seen)
 
     def log_metrics(step):
+        check(step)
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         dt = (now - timer["time"]) / max(step - timer["step"], 1)
@@ -142,20 +316,22 @@ def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> Trai
     actions = [Periodic(tc.log_every, log_metrics, last), Periodic(tc.eval_every, evaluate, last, at_end=False),
                Periodic(tc.sample_every, write_samples, last)]
     checkpoint = Periodic(tc.checkpoint_every, None, last)
-    for step in range(start + 1, last + 1):
-        state, metrics = trainer.step(state, trainer.shard_batch(next(train_it)))
+    try:
+        for step in range(start + 1, last + 1):
+            state, metrics = trainer.step(state, trainer.shard_batch(next(train_it)))
+            if bar is not None:
+                bar.update(1)
+            for action in actions:
+                action(step)
+            stop = step == stop_at or stop_request.requested or ckpt.reached_preemption(step)
+            if checkpoint.due(step) or stop:
+                check(step)
+                ckpt.save(step, state, train_it.get_state(), cfg, force=bool(stop))
+            if stop:
+                why = stop_request.requested or ("a preemption notice" if step != stop_at else "stop_at")
+                logging.warning("stopped at step %d by %s, with a checkpoint; the same command resumes", step, why)
+                break
+    finally:
         if bar is not None:
-            bar.update(1)
-        for action in actions:
-            action(step)
-        stop = step == stop_at or ckpt.reached_preemption(step)
-        if checkpoint.due(step) or stop:
-            ckpt.save(step, state, train_it.get_state(), cfg, force=stop)
-        if stop:
-            logging.warning("stopping at step %d with a checkpoint", step)
-            break
-    ckpt.close()
-    if bar is not None:
-        bar.close()
-    writer.close()
+            bar.close()
     return state

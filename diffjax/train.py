@@ -44,6 +44,7 @@ class TrainState:
     opt_state: Any
     rng: Array  # uint32[2] key
     frozen: Any  # {"text": ...} when the text encoder is frozen, else {}
+    guard: Any = None  # the skipped-update counters and running loss statistics (init_guard)
 
     def text_params(self, ema: bool = False):
         params = self.ema_params if ema else self.params
@@ -98,7 +99,45 @@ def init_state(models: Models, image_shape: tuple[int, int, int], text_params: A
         frozen["text"] = text_params
     ema = jax.tree_util.tree_map(jnp.array, params)  # a copy: donated buffers must be distinct
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=tx.init(params),
-                      rng=state_rng, frozen=frozen)
+                      rng=state_rng, frozen=frozen, guard=init_guard())
+
+
+# Loss-spike detection (as maxtext's): running mean and variance of the accepted losses, an EMA with this
+# decay, armed once this many updates were accepted.
+SPIKE_EMA_DECAY = 0.99
+SPIKE_WARMUP = 50
+
+
+def init_guard() -> dict:
+    """The counters of skipped updates (int32) and the running loss statistics (float32) of a fresh run."""
+    i, f = (lambda v: jnp.asarray(v, jnp.int32)), (lambda v: jnp.asarray(v, jnp.float32))
+    return {"skipped": i(0), "nonfinite": i(0), "consecutive": i(0), "last_skipped": i(-1), "accepted": i(0),
+            "loss_mean": f(0.0), "loss_var": f(0.0)}
+
+
+def update_guard(guard: dict, step: Array, loss: Array, grad_norm: Array, spike_sigma: float) -> tuple[Array, dict]:
+    """(accept, new guard) for the update of ``step``: an update is skipped when its loss or gradient norm is
+    not finite, or (``spike_sigma`` > 0, after SPIKE_WARMUP accepted updates) when its loss exceeds the running
+    mean of accepted losses by ``spike_sigma`` running standard deviations. Pure, inside the compiled step:
+    no host synchronisation."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    accept = finite
+    if spike_sigma > 0:
+        armed = guard["accepted"] >= SPIKE_WARMUP
+        accept &= ~(armed & (loss > guard["loss_mean"] + spike_sigma * jnp.sqrt(guard["loss_var"])))
+    skip = (~accept).astype(jnp.int32)
+    # Running statistics of the accepted losses (the first one seeds the mean).
+    b = jnp.where(guard["accepted"] == 0, 0.0, SPIKE_EMA_DECAY)
+    safe = jnp.where(accept, loss, guard["loss_mean"]).astype(jnp.float32)
+    delta = safe - guard["loss_mean"]
+    mean = guard["loss_mean"] + (1.0 - b) * delta
+    var = b * (guard["loss_var"] + (1.0 - b) * delta**2)
+    new = {"skipped": guard["skipped"] + skip, "nonfinite": guard["nonfinite"] + (~finite).astype(jnp.int32),
+           "consecutive": (guard["consecutive"] + 1) * skip,
+           "last_skipped": jnp.where(accept, guard["last_skipped"], step + 1).astype(jnp.int32),
+           "accepted": guard["accepted"] + (1 - skip),
+           "loss_mean": jnp.where(accept, mean, guard["loss_mean"]), "loss_var": jnp.where(accept, var, guard["loss_var"])}
+    return accept, new
 
 
 def _loss_options(dc: ml_collections.ConfigDict) -> dict:
@@ -123,10 +162,16 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
                     axis_name: Optional[str] = None) -> Callable:
     """The pure ``train_step(state, batch) -> (state, metrics)``; ``batch`` holds ``image`` (B, H, W, C) in
     [-1, 1], ``token_ids`` (B, L) and ``mask`` (B, L). With ``axis_name`` it runs under ``jax.pmap`` over
-    that axis (gradients and metrics averaged with ``pmean``)."""
+    that axis (gradients and metrics averaged with ``pmean``).
+
+    An update whose loss or gradient is not finite (or, with ``training.loss_spike_sigma``, whose loss spikes)
+    is skipped inside the compiled step: parameters, EMA and optimizer state stay as they were, the step
+    counter and the randomness advance, and ``state.guard`` counts it (``update_guard``); the run decides on
+    the host, at its next metrics fetch, whether to go on (``training.on_nonfinite``)."""
     dc = config.diffusion
     encoder = models.text_encoder
     decay, warmup = float(config.ema.decay), bool(config.ema.warmup)
+    spike_sigma = float(config.training.loss_spike_sigma)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         x0 = batch["image"]
@@ -152,14 +197,19 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
+        grad_norm = optax.global_norm(grads)
+        accept, guard = update_guard(state.guard, state.step, loss, grad_norm, spike_sigma)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = ema_decay(state.step, decay, warmup)
         ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "learning_rate": lr_schedule(state.step),
-                   "ema_decay": d}
+        params, ema, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(accept, new, old),
+                                                        (params, ema, opt_state),
+                                                        (state.params, state.ema_params, state.opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step), "ema_decay": d,
+                   "skipped_updates": guard["skipped"]}
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-                                  rng=next_rng)
+                                  rng=next_rng, guard=guard)
         return new_state, metrics
 
     return train_step

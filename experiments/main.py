@@ -74,7 +74,10 @@ def train(config) -> None:
     from diffjax import loop
 
     logging.info("config:\n%s", config)
-    loop.train(trainer, FLAGS.workdir)
+    try:
+        loop.train(trainer, FLAGS.workdir)
+    except (loop.RunError, OSError) as e:  # a diverged run, a busy or unwritable workdir, unreadable checkpoints
+        _fail(e)
 
 
 def train_classifier(config) -> None:

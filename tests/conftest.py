@@ -58,6 +58,25 @@ def fake_fashion_mnist_dir(tmp_path_factory):
     return str(idx)
 
 
+@pytest.fixture(scope="session")
+def fake_config(tmp_path_factory, fake_fashion_mnist_dir):
+    """experiments/configs/tiny.py on the fake Fashion-MNIST (its own prepared tfds directory)."""
+    from experiments.configs import tiny
+
+    config = tiny.get_config()
+    config.data.manual_dir = fake_fashion_mnist_dir
+    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    return config
+
+
+@pytest.fixture(scope="session")
+def trainer(fake_config):
+    """A Trainer of ``fake_config`` on one device, shared so that its steps compile once per session."""
+    from diffjax.train import Trainer
+
+    return Trainer(fake_config)
+
+
 def error_line(proc) -> str:
     """The last non-empty stderr line of a failed command."""
     assert proc.returncode != 0, proc.stdout[-2000:]

@@ -12,23 +12,6 @@ import pytest
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
 
 
-@pytest.fixture(scope="module")
-def fake_config(tmp_path_factory, fake_fashion_mnist_dir):
-    from experiments.configs import tiny
-
-    config = tiny.get_config()
-    config.data.manual_dir = fake_fashion_mnist_dir
-    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    return config
-
-
-@pytest.fixture(scope="module")
-def trainer(fake_config):
-    from diffjax.train import Trainer
-
-    return Trainer(fake_config)
-
-
 def _flat(tree):
     return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
 

@@ -42,6 +42,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     choice("sampling.sampler", config.sampling.sampler, tuple(samplers.SAMPLERS))
     choice("sampling.timestep_spacing", config.sampling.timestep_spacing, samplers.SPACINGS)
     choice("optim.lr_schedule", config.optim.lr_schedule, ("constant", "cosine"))
+    choice("training.on_nonfinite", config.training.on_nonfinite, ("skip", "stop"))
+    choice("training.on_corrupt_checkpoint", config.training.on_corrupt_checkpoint, ("fallback", "fail"))
+    for key in ("training.max_consecutive_skips", "training.loss_spike_sigma"):
+        section, name = key.split(".")
+        if config[section][name] < 0:
+            raise ValueError(f"config.{key}={config[section][name]} must be >= 0")
     if not 0.0 <= d.cond_drop_prob < 1.0:
         raise ValueError(f"config.diffusion.cond_drop_prob={d.cond_drop_prob} must be in [0, 1)")
     if not 1 <= config.sampling.num_steps <= d.num_timesteps:

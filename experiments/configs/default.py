@@ -69,7 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.sample_every = 1000  # steps between sample grids (0: off); also at the end
     config.training.checkpoint_every = 1000  # steps between checkpoints; also at the end
     config.training.keep_checkpoints = 3  # checkpoints kept on disk
+    config.training.on_corrupt_checkpoint = "fallback"  # unreadable newest checkpoint: fallback (move it aside, resume from the previous) | fail
     config.training.progress_bar = True  # tqdm progress bar on process 0
+    config.training.on_nonfinite = "skip"  # a NaN/inf loss or gradient: skip that update | stop the run
+    config.training.max_consecutive_skips = 25  # stop after this many skipped updates in a row (0: never)
+    config.training.loss_spike_sigma = 0.0  # also skip updates whose loss exceeds the running mean by this many σ (0: off)
 
     config.sharding = ml_collections.ConfigDict()
     config.sharding.fsdp = 1  # size of the mesh's fsdp axis (parameter sharding); data axis = devices / fsdp

@@ -1,0 +1,265 @@
+"""Faults a long preemptible run meets, each injected here: non-finite and spiking updates, SIGTERM and Ctrl-C,
+a second run on the same workdir, damaged and partial checkpoints. What must hold: no completed checkpoint is
+lost, nothing non-finite is saved, and every stop is one line and a non-zero exit (or exit 0 with a
+checkpoint, for a preemption)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Divergence.
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_update_guard_counts_and_the_running_loss_statistics():
+    from diffjax.train import SPIKE_EMA_DECAY, SPIKE_WARMUP, init_guard, update_guard
+
+    rng = np.random.default_rng(0)
+    losses = 1.0 + 0.01 * rng.standard_normal(SPIKE_WARMUP + 10)
+    g = init_guard()
+    for i, loss in enumerate(losses):
+        accept, g = update_guard(g, jnp.int32(i), jnp.float32(loss), jnp.float32(1.0), spike_sigma=6.0)
+        assert bool(accept)
+    # The statistics are the exponentially weighted mean and variance of the accepted losses.
+    mean, var = float(losses[0]), 0.0
+    for x in losses[1:]:
+        d = x - mean
+        mean += (1 - SPIKE_EMA_DECAY) * d
+        var = SPIKE_EMA_DECAY * (var + (1 - SPIKE_EMA_DECAY) * d * d)
+    assert float(g["loss_mean"]) == pytest.approx(mean, rel=1e-5) and float(g["loss_var"]) == pytest.approx(var, rel=1e-3)
+    n = len(losses)
+    cases = [(1.5, 1.0, False, "spike"), (float("nan"), 1.0, False, "nan loss"), (1.0, float("inf"), False, "inf grad"),
+             (1.0, 1.0, True, "ordinary")]
+    for k, (loss, gnorm, want, what) in enumerate(cases):
+        before = g
+        accept, g = update_guard(g, jnp.int32(n + k), jnp.float32(loss), jnp.float32(gnorm), spike_sigma=6.0)
+        assert bool(accept) == want, what
+        if not want:  # a skipped update leaves the statistics alone
+            assert float(g["loss_mean"]) == float(before["loss_mean"]) and int(g["last_skipped"]) == n + k + 1
+    assert int(g["skipped"]) == 3 and int(g["nonfinite"]) == 2 and int(g["consecutive"]) == 0
+    assert int(g["accepted"]) == n + 1
+    # Off (sigma 0): a spike is an ordinary update.
+    assert bool(update_guard(g, jnp.int32(0), jnp.float32(100.0), jnp.float32(1.0), spike_sigma=0.0)[0])
+
+
+def test_a_non_finite_update_is_skipped_inside_the_step(trainer, fake_config):
+    from diffjax.data import make_dataset
+
+    it = make_dataset(fake_config.data, trainer.models.text_encoder, split="train", global_batch_size=8, seed=0)
+    good = next(it)
+    state = trainer.init()
+    state, _ = trainer.step(state, trainer.shard_batch(good))
+    before = jax.device_get(state)
+    bad = dict(good, image=np.full_like(good["image"], np.nan))
+    state, metrics = trainer.step(state, trainer.shard_batch(bad))
+    after = jax.device_get(state)
+    assert not np.isfinite(float(metrics["loss"]))
+    for part in ("params", "ema_params", "opt_state"):
+        np.testing.assert_array_equal(_flat(getattr(after, part)), _flat(getattr(before, part)))
+    assert int(after.step) == 2 and int(after.guard["skipped"]) == 1 and int(after.guard["last_skipped"]) == 2
+    assert not np.array_equal(np.asarray(after.rng), np.asarray(before.rng))
+    state, metrics = trainer.step(state, trainer.shard_batch(good))  # the next good batch trains again
+    assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped_updates"]) == 1
+    assert not np.array_equal(_flat(state.params), _flat(after.params))
+    assert int(state.guard["consecutive"]) == 0
+
+
+def _data_flags(config):
+    return [f"--config.data.manual_dir={config.data.manual_dir}", f"--config.data.data_dir={config.data.data_dir}"]
+
+
+def _restore_all(trainer, workdir, parts=("params", "ema_params")):
+    """{step: {part: tree}} of every checkpoint in ``workdir`` (only ``parts`` of the state are read, so the run
+    may have had another optimizer than ``trainer``)."""
+    from diffjax.checkpoints import Checkpointer
+
+    target = trainer.restore_target()
+    ckpt = Checkpointer.existing(os.path.join(workdir, "checkpoints"))
+    out = {step: ckpt.restore_subtree({p: getattr(target, p) for p in parts}, step) for step in ckpt.steps()}
+    ckpt.close()
+    return out
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_diverging_run_stops_with_one_line_and_finite_checkpoints(policy, fake_config, trainer, tmp_path, run_main,
+                                                                   last_error_line):
+    """A learning rate of 1e30: step 1 throws the parameters to ~1e30, every later loss is NaN."""
+    workdir = tmp_path / "run"
+    proc = run_main(["--config=experiments/configs/tiny.py", f"--workdir={workdir}", *_data_flags(fake_config),
+                     "--config.optim.learning_rate=1e30", "--config.optim.grad_clip_norm=0",
+                     "--config.training.num_steps=8", "--config.training.log_every=1",
+                     "--config.training.checkpoint_every=1", f"--config.training.on_nonfinite={policy}",
+                     "--config.training.max_consecutive_skips=3"])
+    line = last_error_line(proc)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    if policy == "stop":
+        assert line.startswith("error: the loss or gradient was not finite at step 2 (training.on_nonfinite=stop); "
+                               "stopped at step 2, the last checkpoint (step 1) is intact"), line
+    else:
+        assert line.startswith("error: 3 updates in a row were skipped"), line
+        assert "the last at step 4" in line and "the last checkpoint (step 3) is intact" in line
+    saved = _restore_all(trainer, str(workdir))
+    assert sorted(saved) == ([1] if policy == "stop" else [1, 2, 3])
+    for state in saved.values():
+        assert np.all(np.isfinite(_flat(state)))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Preemption, Ctrl-C, one run per workdir.
+# ------------------------------------------------------------------------------------------------------
+
+
+def _start(args, env):
+    return subprocess.Popen([sys.executable, "-m", "experiments.main", *args], env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(proc, needle, timeout=600):
+    """Read the process's stderr until a line contains ``needle``; returns the lines read."""
+    lines, t0 = [], time.time()
+    while time.time() - t0 < timeout:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} never appeared:\n" + "".join(lines[-30:]))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_checkpoints_exits_zero_and_resumes_bitwise(sig, fake_config, trainer, tmp_path, subprocess_env,
+                                                              run_main, last_error_line):
+    # A constant learning rate, so that num_steps changes nothing but where the run ends: the interrupted run
+    # is set to go on for long, the resumed and the straight runs end at the same step.
+    flags = ["--config=experiments/configs/tiny.py", *_data_flags(fake_config), "--config.optim.lr_schedule=constant",
+             "--config.training.log_every=1", "--config.training.checkpoint_every=100000"]
+    run = tmp_path / "run"
+    proc = _start([f"--workdir={run}", *flags, "--config.training.num_steps=100000"], subprocess_env())
+    try:
+        _wait_for_line(proc, "step 3:")
+        if sig == signal.SIGTERM:  # meanwhile, a second run on the same workdir refuses to start
+            other = run_main([f"--workdir={run}", *flags])
+            assert "is in use by another run (pid" in last_error_line(other)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped at step" in err and signal.Signals(sig).name in err
+    saved = _restore_all(trainer, str(run))
+    (stopped_at,) = saved
+    assert stopped_at >= 3
+    if sig == signal.SIGINT:
+        return
+    # Resume for 3 more steps; an uninterrupted run to the same step gives bitwise the same parameters.
+    steps = stopped_at + 3
+    flags.append(f"--config.training.num_steps={steps}")
+    proc = run_main([f"--workdir={run}", *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = tmp_path / "straight"
+    proc = run_main([f"--workdir={straight}", *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = ("params", "ema_params", "opt_state", "rng", "guard")
+    resumed, direct = (_restore_all(trainer, str(w), parts)[steps] for w in (run, straight))
+    for part in parts:
+        np.testing.assert_array_equal(_flat(resumed[part]), _flat(direct[part]), err_msg=part)
+
+
+def test_the_workdir_lock_is_released_when_its_holder_dies(tmp_path):
+    from diffjax.loop import RunError, workdir_lock
+
+    code = (f"import fcntl, os; f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            f"f.write('pid %d' % os.getpid()); f.flush(); print('locked', flush=True); import time; time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunError, match=f"is in use by another run \\(pid {holder.pid}\\)"):
+            with workdir_lock(str(tmp_path)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lock(str(tmp_path)):  # SIGKILLed holder: no stale lock
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Damaged and partial checkpoints.
+# ------------------------------------------------------------------------------------------------------
+
+
+def _damage(step_dir, how):
+    data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+    biggest = max((os.path.join(data, f) for f in os.listdir(data)), key=os.path.getsize)
+    if how == "truncate":
+        with open(biggest, "r+b") as f:
+            f.truncate(os.path.getsize(biggest) // 2)
+    elif how == "zero":
+        size = os.path.getsize(biggest)
+        with open(biggest, "r+b") as f:
+            f.write(b"\0" * size)
+    elif how == "delete_metadata":
+        os.remove(os.path.join(step_dir, "state", "_METADATA"))
+    elif how == "empty":
+        open(os.path.join(step_dir, "state", "manifest.ocdbt"), "w").close()
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "delete_metadata", "empty"])
+def test_a_damaged_newest_checkpoint_is_named_then_set_aside(how, trainer, fake_config, tmp_path):
+    from diffjax import loop
+
+    tc = fake_config.training
+    workdir = str(tmp_path / "run")
+    loop.train(trainer, workdir, stop_at=2)
+    loop.train(trainer, workdir, stop_at=3)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
+    _damage(os.path.join(ckpt_dir, "3"), how)
+    # The newest step and what is wrong with it, in one line; nothing moved or deleted.
+    with fake_config.unlocked():
+        tc.on_corrupt_checkpoint = "fail"
+        try:
+            with pytest.raises(loop.RunError) as e:
+                loop.train(trainer, workdir)
+        finally:
+            tc.on_corrupt_checkpoint = "fallback"
+    message = str(e.value)
+    assert message.startswith("checkpoint step 3 cannot be read: ") and "\n" not in message
+    assert {"truncate": "cannot give the array", "zero": "cannot give the array",
+            "delete_metadata": "state/_METADATA is missing", "empty": "state/manifest.ocdbt is empty"}[how] in message
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
+    # fallback (the default): step 3 is moved aside for inspection, the run resumes from step 2 and finishes.
+    state = loop.train(trainer, workdir)
+    assert int(state.step) == tc.num_steps
+    (aside,) = os.listdir(os.path.join(workdir, "corrupt_checkpoints"))
+    assert aside.startswith("step_3_")
+    assert 2 in [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
+
+
+def test_a_partial_checkpoint_is_ignored_and_reported(trainer, fake_config, tmp_path, caplog):
+    from diffjax import loop
+
+    workdir = str(tmp_path / "run")
+    loop.train(trainer, workdir, stop_at=2)
+    # What a save killed before its rename leaves: orbax's temporary directory.
+    partial = os.path.join(workdir, "checkpoints", "3.orbax-checkpoint-tmp-1234567")
+    os.makedirs(os.path.join(partial, "state"))
+    with caplog.at_level("WARNING"):
+        state = loop.train(trainer, workdir, stop_at=3)
+    assert int(state.step) == 3
+    assert any("ignoring 1 partial checkpoint(s)" in r.getMessage() for r in caplog.records)
