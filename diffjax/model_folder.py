@@ -95,6 +95,11 @@ def save(pipe, directory: str) -> str:
         raise FileExistsError(f"{directory} exists and is not an empty directory or a model folder; not "
                               f"overwriting it")
     unet_params, text_params = _host(pipe.unet_params), _host(pipe.text_params)
+    for name, tree in (("unet", unet_params), ("text_encoder", text_params)):
+        bad = [k for k, v in _flatten(tree).items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise ValueError(f"refusing to export {directory}: {name} parameter {bad[0]} is not finite"
+                             + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     if jax.process_index() != 0:
         return directory
     parent = os.path.dirname(directory)

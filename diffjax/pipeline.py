@@ -162,7 +162,7 @@ class Text2Image:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         prompts = check_prompts(prompts)
         x0 = self._check_image(image, len(prompts), "image")
-        n = int(num_steps or self.defaults["num_steps"])
+        n = self._num_steps(num_steps)
         start = n - min(int(n * float(strength)), n)
         if start == n:  # strength 0 (or < 1/n): no step to take, the image itself
             return to_uint8(x0)
@@ -187,6 +187,13 @@ class Text2Image:
     def size_multiple(self) -> int:
         """Height and width must be multiples of this: the U-Net's total downsampling."""
         return self.models.unet.config.downsample_factor
+
+    def _num_steps(self, num_steps) -> int:
+        """``num_steps`` (default: the pipeline's) as a positive int; a one-line ValueError otherwise."""
+        n = self.defaults["num_steps"] if num_steps is None else num_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        return int(n)
 
     def _output_shape(self, height, width) -> tuple[int, int, int]:
         h0, w0, c = self.image_shape
@@ -283,10 +290,10 @@ class Text2Image:
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         sampler = sampler or self.defaults["sampler"]
-        num_steps = int(num_steps or self.defaults["num_steps"])
+        num_steps = self._num_steps(num_steps)
         scale = float(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
         if not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         n = len(prompts)

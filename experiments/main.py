@@ -67,7 +67,10 @@ def train(config) -> None:
 
     try:  # bad input fails here, in one line, before anything is compiled
         validate_config(config)
-        describe_dataset(config.data, config.data.train_split)
+        info = describe_dataset(config.data, config.data.train_split)
+        if info.steps_per_epoch(config.training.batch_size) == 0:
+            raise ValueError(f"split {info.split!r} of {info.name!r} has {info.num_examples} examples, fewer than "
+                             f"one batch (training.batch_size={config.training.batch_size})")
         trainer = Trainer(config)
     except (ValueError, OSError) as e:  # OSError: a missing dataset directory or config file
         _fail(e)
@@ -153,13 +156,27 @@ def evaluate() -> None:
     print(f"metrics: {os.path.join(out, 'metrics.json')}; grid: {os.path.join(out, 'grid.png')}")
 
 
-def _read_image(path: str):
+def _check_writable(path: str, what: str) -> None:
+    """One line now, rather than after minutes of work, when ``path`` cannot become a directory."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        _fail(ValueError(f"{what}={path}: {parent} is a file, not a directory"))
+    if not os.access(parent, os.W_OK):
+        _fail(ValueError(f"{what}={path}: {parent} is not writable"))
+
+
+def _read_image(path: str, channels: int):
+    """uint8 (H, W) or (H, W, 3) pixels of any image file: palette, 16-bit, alpha and RGB-for-a-grey-model are
+    converted (``diffjax.data.images.load_image``), not read as raw indices or one channel."""
     import numpy as np
-    from PIL import Image
+
+    from diffjax.data.images import load_image
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    return np.asarray(Image.open(path))
+    return np.asarray(load_image(path, channels))
 
 
 def sample() -> None:
@@ -169,6 +186,8 @@ def sample() -> None:
         _fail(ValueError("--mode=sample needs at least one --prompt"))
     if FLAGS.num_images < 1:
         _fail(ValueError(f"--num_images must be >= 1, got {FLAGS.num_images}"))
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "generated")
+    _check_writable(out, "--out")  # before sampling, not after it
     pipe = _load_pipeline()
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     kw = dict(seed=FLAGS.seed, progress=True, **_sampling_kwargs())
@@ -176,20 +195,15 @@ def sample() -> None:
         if FLAGS.mask and not FLAGS.init_image:
             raise ValueError("--mask needs --init_image (the image whose unmasked pixels are kept)")
         if FLAGS.init_image:
-            image = _read_image(FLAGS.init_image)
-            if image.ndim == 3 and image.shape[-1] != pipe.image_shape[-1]:
-                image = image[..., :1] if pipe.image_shape[-1] == 1 else image[..., :3]
+            image = _read_image(FLAGS.init_image, pipe.image_shape[-1])
             if FLAGS.mask:
-                mask = _read_image(FLAGS.mask)
-                mask = mask[..., 0] if mask.ndim == 3 else mask
-                images = pipe.inpaint(prompts, image, mask, **kw)
+                images = pipe.inpaint(prompts, image, _read_image(FLAGS.mask, 1), **kw)
             else:
                 images = pipe.img2img(prompts, image, strength=FLAGS.strength, **kw)
         else:
             images = pipe.generate(prompts, **kw)
     except (ValueError, OSError) as e:
         _fail(e)
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "generated")
     paths = pipeline.save_images(images, out, prompts)
     grid = pipeline.image_grid(images, rows=len(FLAGS.prompt))
     pipeline.save_image(grid, os.path.join(out, "grid.png"), scale=2)
@@ -199,6 +213,7 @@ def sample() -> None:
 def export() -> None:
     if not FLAGS.out:
         _fail(ValueError("--mode=export needs --out (the model folder to write)"))
+    _check_writable(FLAGS.out, "--out")
     pipe = _load_pipeline()
     try:
         path = pipe.save_pretrained(FLAGS.out)
@@ -209,7 +224,7 @@ def export() -> None:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        _fail(ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)"))
     from diffjax import sharding
 
     if FLAGS.model and FLAGS.mode not in ("sample", "eval"):

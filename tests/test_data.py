@@ -441,3 +441,23 @@ def test_real_fashion_mnist_builds_and_matches_idx(tmp_path, encoder):
         record = source[i]
         np.testing.assert_array_equal(record["image"][..., 0], imgs[record["index"]])
         assert record["label"] == labels[record["index"]]
+
+
+def test_load_image_converts_palette_16_bit_and_rgb_instead_of_reading_raw_values(tmp_path):
+    """Palette images give their colours' luma (not the indices), 16-bit grey is rescaled (not clipped at
+    255), RGB on a one-channel model gives the luma (not the red channel)."""
+    from PIL import Image
+
+    grey16 = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    np.testing.assert_array_equal(np.asarray(images.load_image(str(tmp_path / "g16.png"), 1)),
+                                  np.rint(grey16 / 257.0).astype(np.uint8))
+    pal = Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8), "P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 255, 255, 255])
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(np.asarray(images.load_image(str(tmp_path / "p.png"), 1)), [[0, 76], [150, 255]])
+    np.testing.assert_array_equal(np.asarray(images.load_image(str(tmp_path / "p.png"), 3))[0, 1], [255, 0, 0])
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[..., 1] = 200
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(np.asarray(images.load_image(str(tmp_path / "rgb.png"), 1)), 117)

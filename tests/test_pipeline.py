@@ -206,7 +206,8 @@ def test_export_command_and_sampling_from_the_folder(exported, tmp_path, run_mai
     (tmp_path / "file").write_text("x")
     for args, message in [
         ([f"--workdir={exported / 'run'}"], "error: --mode=export needs --out"),
-        ([f"--workdir={exported / 'run'}", f"--out={tmp_path / 'file'}"], f"error: {tmp_path / 'file'} exists"),
+        ([f"--workdir={exported / 'run'}", f"--out={tmp_path / 'file'}"],
+         f"error: --out={tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a directory"),
         ([f"--workdir={tmp_path}/none", f"--out={tmp_path}/m2"], "error: no checkpoint in"),
     ]:
         proc = run_main(["--mode=export", *args])
@@ -268,3 +269,31 @@ def test_bad_model_folders_fail_with_one_line_naming_the_file(exported, tmp_path
     assert "diffusion_params.safetensors: not a readable safetensors file" in error(model)
     (model / "model_index.json").write_text("{")
     assert "model_index.json: not readable JSON" in error(model)
+
+
+def test_sample_command_bad_input_one_line_and_nothing_written(exported, tmp_path, run_main, last_error_line):
+    """Each mistake: exit status 2, one `error:` line naming it, no traceback, no output directory."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "nine.png")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "file").write_text("x")
+    model, out = f"--model={exported / 'model'}", tmp_path / "out"
+    cases = [
+        (["--num_steps=0"], "error: num_steps must be a positive integer, got 0"),
+        (["--guidance_scale=-1"], "error: guidance_scale must be a finite number >= 0"),
+        (["--sampler=dpm"], "error: unknown sampler 'dpm'"),
+        ([f"--init_image={tmp_path / 'nine.png'}"], "error: image has shape (9, 9)"),
+        ([f"--init_image={tmp_path / 'text.png'}"], "error: cannot identify image file"),
+        ([f"--init_image={tmp_path / 'none.png'}"], "error: image file not found"),
+        ([f"--mask={tmp_path / 'nine.png'}"], "error: --mask needs --init_image"),
+        (["--num_images=0"], "error: --num_images must be >= 1"),
+        (["stray"], "error: unexpected arguments: stray"),
+        ([f"--out={tmp_path / 'file' / 'images'}"], f"error: --out={tmp_path / 'file' / 'images'}: "),
+        ([f"--model={tmp_path}"], f"error: {tmp_path} is not a diffjax model folder"),
+    ]
+    for args, message in cases:
+        proc = run_main(["--mode=sample", model, "--prompt=a bag", f"--out={out}", *args])
+        line = last_error_line(proc)
+        assert proc.returncode == 2 and line.startswith(message), (args, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stderr and not out.exists(), args

@@ -36,6 +36,9 @@ def load_image(path: str, channels: int, size: int | None = None) -> Image.Image
         if size and im.format == "JPEG":
             im.draft("RGB" if channels == 3 else "L", (size, size))  # keeps both sides >= size
         im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: rescale (convert("L") would clip)
+            scale = 65535.0 if np.asarray(im).max() > 255 or im.mode.startswith("I;16") else 255.0
+            im = Image.fromarray(np.clip(np.rint(np.asarray(im, np.float64) * (255.0 / scale)), 0, 255).astype(np.uint8))
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             im = im.convert("RGBA")
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
