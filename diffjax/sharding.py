@@ -24,9 +24,15 @@ BATCH_AXES = (DATA, FSDP)
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+                           process_id: Optional[int] = None, heartbeat_timeout_seconds: Optional[int] = None) -> None:
     """``jax.distributed.initialize`` when several processes are configured (arguments or the usual
-    environment of a TPU pod / SLURM / the ``JAX_COORDINATOR_ADDRESS`` variables); a no-op for one process."""
+    environment of a TPU pod / SLURM / the ``JAX_COORDINATOR_ADDRESS`` variables); a no-op for one process.
+
+    When a process dies, the others stop (JAX's coordination service aborts them, naming the dead task) once
+    it has missed heartbeats for ``heartbeat_timeout_seconds`` (default ``DIFFJAX_HEARTBEAT_TIMEOUT_SECONDS``
+    or JAX's 100), instead of waiting in a collective forever; the pair then resumes from the last complete
+    checkpoint. With several processes SIGTERM goes through JAX's preemption sync, so that all of them
+    checkpoint at the same step."""
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
         num_processes = int(os.environ["JAX_NUM_PROCESSES"])
     if process_id is None and os.environ.get("JAX_PROCESS_ID"):
@@ -34,8 +40,10 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if coordinator_address is None and (num_processes or 1) <= 1:
         return
+    if heartbeat_timeout_seconds is None:
+        heartbeat_timeout_seconds = int(os.environ.get("DIFFJAX_HEARTBEAT_TIMEOUT_SECONDS", 100))
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 def create_mesh(fsdp: int = 1, devices=None) -> Mesh:

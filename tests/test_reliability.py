@@ -198,6 +198,57 @@ def test_the_workdir_lock_is_released_when_its_holder_dies(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
 
 
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_its_peer_in_bounded_time_and_the_pair_resumes(fake_config, trainer, tmp_path,
+                                                                          subprocess_env):
+    """Two processes (gloo on 127.0.0.1); one is SIGKILLed mid-run: the other stops within the heartbeat
+    timeout, naming the cause, instead of hanging in a collective; a rerun of both resumes from the newest
+    complete checkpoint and finishes."""
+    timeout = 10
+    run = tmp_path / "run"
+
+    def start(num_steps):
+        port = _free_port()
+        procs = []
+        for i in range(2):
+            env = dict(subprocess_env(1), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_PROCESSES="2",
+                       JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                       DIFFJAX_HEARTBEAT_TIMEOUT_SECONDS=str(timeout))
+            procs.append(_start([f"--workdir={run}", "--config=experiments/configs/tiny.py", *_data_flags(fake_config),
+                                 "--config.optim.lr_schedule=constant", "--config.training.log_every=1",
+                                 "--config.training.checkpoint_every=4", f"--config.training.num_steps={num_steps}"],
+                                env))
+        return procs
+
+    first = start(100000)
+    try:
+        _wait_for_line(first[0], "step 6:")
+        first[1].kill()
+        t0 = time.time()
+        _, err = first[0].communicate(timeout=timeout + 120)
+        waited = time.time() - t0
+    finally:
+        for p in first:
+            p.kill()
+    assert first[0].returncode != 0 and waited < timeout + 60, (first[0].returncode, waited)
+    assert "another task died" in err or "heartbeat" in err, err[-3000:]
+    complete = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
+    assert complete and complete[-1] >= 4
+    second = start(complete[-1] + 3)
+    outs = [p.communicate(timeout=600) for p in second]
+    assert all(p.returncode == 0 for p in second), outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert f"resumed from step {complete[-1]}" in outs[0][1]
+    assert complete[-1] + 3 in _restore_all(trainer, str(run))
+
+
 # ------------------------------------------------------------------------------------------------------
 # Damaged and partial checkpoints.
 # ------------------------------------------------------------------------------------------------------
@@ -263,3 +314,52 @@ def test_a_partial_checkpoint_is_ignored_and_reported(trainer, fake_config, tmp_
         state = loop.train(trainer, workdir, stop_at=3)
     assert int(state.step) == 3
     assert any("ignoring 1 partial checkpoint(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_rotation_never_deletes_the_last_good_checkpoint_for_an_unfinished_one(trainer, fake_config, tmp_path,
+                                                                              monkeypatch):
+    """keep_checkpoints=1: a save that dies before it is committed (here: the commit raises, as a process
+    killed at that point would never reach it) must leave the previous checkpoint on disk and restorable."""
+    import orbax.checkpoint as ocp
+
+    from diffjax.checkpoints import Checkpointer
+
+    state = trainer.init()
+    directory = str(tmp_path / "checkpoints")
+    ckpt = Checkpointer(directory, max_to_keep=1)
+    ckpt.save(1, state, None, fake_config)
+    ckpt.wait()
+
+    def crash(self, step):
+        raise RuntimeError("killed during the commit")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "_finalize_checkpoint", crash)
+    ckpt.save(2, state.replace(step=state.step + 1), None, fake_config)
+    with pytest.raises(Exception):
+        ckpt.close()
+    monkeypatch.undo()
+    fresh = Checkpointer(directory, max_to_keep=1)
+    assert 1 in fresh.steps()  # not rotated out: deletion of old steps runs only after a successful commit
+    restored, _, _ = fresh.restore(trainer.restore_target(), 1)
+    np.testing.assert_array_equal(_flat(restored.params), _flat(state.params))
+    fresh.close()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("training.keep_checkpoints", 0, "config.training.keep_checkpoints=0 must be a positive integer"),
+    ("training.eval_every", -5, "config.training.eval_every=-5 must be >= 0"),
+    ("optim.learning_rate", -1.0, "config.optim.learning_rate=-1.0 must be >= 0"),
+    ("data.image_size", 30, "config.data.image_size=30 is not a multiple of 4"),
+    ("data.channels", 3, "config.model.unet.in_channels=1 does not match config.data.channels=3"),
+    ("training.on_nonfinite", "ignore", "config.training.on_nonfinite='ignore': expected one of skip, stop"),
+    ("training.on_corrupt_checkpoint", "retry", "expected one of fallback, fail"),
+    ("training.max_consecutive_skips", -1, "config.training.max_consecutive_skips=-1 must be >= 0"),
+    ("sampling.num_steps", 0, "config.sampling.num_steps=0 must be in 1..1000"),
+])
+def test_inconsistent_or_out_of_range_config_values_fail_in_one_line(key, value, message):
+    from experiments.configs import load_config, validate_config
+
+    config = load_config("experiments/configs/fashion_mnist.py", [f"{key}={value}"])
+    with pytest.raises(ValueError) as e:
+        validate_config(config)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -57,6 +57,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         section, name = key.split(".")
         if int(config[section][name]) < 1:
             raise ValueError(f"config.{key}={config[section][name]} must be a positive integer")
+    for key in ("training.keep_checkpoints", "training.eval_batches", "sampling.images_per_prompt",
+                "text.max_length"):
+        section, name = key.split(".")
+        if int(config[section][name]) < 1:
+            raise ValueError(f"config.{key}={config[section][name]} must be a positive integer")
+    for key in ("training.eval_every", "training.sample_every", "optim.warmup_steps", "optim.grad_clip_norm",
+                "optim.weight_decay", "optim.learning_rate"):
+        section, name = key.split(".")
+        if config[section][name] < 0:
+            raise ValueError(f"config.{key}={config[section][name]} must be >= 0")
+    factor = 2 ** (len(config.model.unet.channel_mult) - 1)
+    size = int(config.data.image_size or 0)
+    if size and size % factor:
+        raise ValueError(f"config.data.image_size={size} is not a multiple of {factor}, the U-Net's downsampling "
+                         f"(config.model.unet.channel_mult has {len(config.model.unet.channel_mult)} levels)")
+    if config.data.channels and config.model.unet.in_channels != config.data.channels:
+        raise ValueError(f"config.model.unet.in_channels={config.model.unet.in_channels} does not match "
+                         f"config.data.channels={config.data.channels}")
     if not 0.0 <= config.ema.decay < 1.0:
         raise ValueError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
     validate_data_config(config.data)
