@@ -384,6 +384,20 @@ def test_error_captions_file_names_missing_image(image_folder, encoder, tmp_path
     assert not os.path.exists(tmp_path / "tfds")  # nothing written
 
 
+def test_error_corrupt_image_names_the_file_and_leaves_no_dataset(image_folder, encoder, tmp_path):
+    folder, rows = image_folder
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    captions_file = folder / "captions.jsonl"
+    _write_jsonl(captions_file, rows + [("broken.png", "a broken file")])
+    config = data.default_data_config()
+    config.name, config.captions_file, config.data_dir = "image_folder", str(captions_file), str(tmp_path / "tfds")
+    config.image_size, config.channels = 8, 3
+    for _ in range(2):  # the failed build left nothing that passes for a prepared dataset
+        with pytest.raises(ValueError) as excinfo:
+            _batches(config, encoder, 1, global_batch_size=2)
+        _one_line_error(excinfo, "cannot read image", "broken.png", "captions line 5")
+
+
 def test_error_batch_not_divisible_by_process_count(fake_fmnist, encoder):
     config, _ = fake_fmnist
     with pytest.raises(ValueError) as excinfo:
