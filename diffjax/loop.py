@@ -12,16 +12,18 @@ What the run guarantees (tests/test_reliability.py):
 * SIGTERM (a preempted VM, a scheduler) or Ctrl-C: the step in flight finishes, a checkpoint is written with
   the data-iterator position, and ``train`` returns; the next run resumes bitwise where it stopped. A second
   Ctrl-C interrupts at once. With several processes, SIGTERM goes through JAX's preemption sync (all
-  processes stop at the same step).
+  processes stop at the same step) and Ctrl-C keeps its default.
 * Updates with a non-finite loss or gradient are skipped inside the compiled step (``train.update_guard``);
   the parameters never turn non-finite, so no checkpoint, sample or export holds NaNs. The host looks at the
   counters when it fetches metrics anyway (every ``log_every`` steps, and before each checkpoint):
   ``training.on_nonfinite="stop"`` or ``max_consecutive_skips`` skipped updates in a row stop the run with
   :class:`RunError`, the checkpoints intact.
-* A checkpoint that cannot be read (truncated, zeroed or missing files) is named with its step and file; with
+* A checkpoint whose files are damaged (truncated, zeroed, missing) is named with its step and file; with
   ``training.on_corrupt_checkpoint="fallback"`` (the default: an automatically restarted run must not
-  crash-loop on one bad save) it is moved to ``WORKDIR/corrupt_checkpoints/`` for inspection and the run
-  resumes from the newest readable one. Partial checkpoints of an interrupted save are never restored.
+  crash-loop on one bad save) it is moved to ``WORKDIR/corrupt_checkpoints/`` for inspection once an older one
+  was read, and the run resumes from that. When none can be read, or one fails for another reason (a changed
+  config), the run stops and moves nothing: it never starts afresh over old work. Partial checkpoints of an
+  interrupted save are never restored.
 * One run per workdir: a second one fails at once (an ``flock`` on ``WORKDIR/.lock``, released by the
   kernel when the holder dies, so a crashed run leaves no stale lock).
 """
@@ -84,7 +86,8 @@ def workdir_lock(workdir: str):
 class StopRequest:
     """SIGTERM / SIGINT handlers for the block: the first signal sets ``requested`` (the loop checkpoints and
     returns after the step in flight); a second SIGINT raises KeyboardInterrupt at once. Installed only in the
-    main thread; with several processes SIGTERM is left to JAX's preemption sync (``reached_preemption``)."""
+    main thread of a single-process run: with several processes a stop must be agreed by all of them, which
+    JAX's preemption sync does for SIGTERM (``reached_preemption``), and SIGINT keeps its default."""
 
     def __init__(self):
         self.requested: Optional[str] = None
@@ -94,13 +97,11 @@ class StopRequest:
         name = signal.Signals(signum).name
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = name
-        logging.warning("%s received: finishing the current step, then checkpointing and stopping", name)
+        self.requested = name  # no logging here: the handler may interrupt a write to the same stream
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
-            for sig in signals:
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -113,9 +114,10 @@ _REQUIRED_FILES = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"), o
 _TS_PATH = re.compile(r"'path': '([^']*)'")
 
 
-def _unreadable(error: BaseException, step_dir: str) -> str:
-    """Where a checkpoint is damaged: a missing or empty file of ``step_dir``, else the array that tensorstore
-    failed on (ocdbt packs many arrays per data file), else the error's first words."""
+def _damage(error: BaseException, step_dir: str) -> Optional[str]:
+    """Where a checkpoint's files are damaged: a missing or empty file of ``step_dir``, or the array that
+    tensorstore failed to read (ocdbt packs many arrays per data file). None when the files look whole and the
+    error is something else (a config that no longer matches the checkpoint, memory, storage)."""
     for name in _REQUIRED_FILES:
         if not os.path.isfile(os.path.join(step_dir, name)):
             return f"{os.path.join(step_dir, name)} is missing"
@@ -126,41 +128,61 @@ def _unreadable(error: BaseException, step_dir: str) -> str:
     paths = _TS_PATH.findall(str(error))
     if len(paths) >= 2:
         return f"{paths[0]} cannot give the array {paths[-1].rstrip('/')} ({type(error).__name__})"
-    return f"{step_dir}: {type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    return None
 
 
 def restore_latest(ckpt: Checkpointer, target, workdir: str, policy: str):
-    """(state, data state) of the newest readable checkpoint, or None when there is none. An unreadable one
-    raises RunError (``policy="fail"``) or is moved to WORKDIR/corrupt_checkpoints and the previous one is
-    tried (``"fallback"``). Directories of an interrupted save are reported and ignored."""
+    """(state, data state) of the newest readable checkpoint, or None when the run has none (a fresh start).
+
+    A newest checkpoint whose files are damaged raises RunError naming the step and the file (``policy="fail"``),
+    or (``"fallback"``) is moved to WORKDIR/corrupt_checkpoints once an older one was read, and the run resumes
+    from that one. Nothing is moved when no checkpoint can be read, and a checkpoint that fails for another reason
+    (a config that no longer matches it) stops the run: neither case may end in a fresh start over old work.
+    Directories of an interrupted save are reported and ignored."""
     partial = sorted(d for d in os.listdir(ckpt.directory) if ".orbax-checkpoint-tmp" in d)
     if partial:
         logging.warning("ignoring %d partial checkpoint(s) of an interrupted save in %s: %s", len(partial),
                         ckpt.directory, ", ".join(partial))
-    moved = []
+    corrupt_dir = os.path.join(workdir, "corrupt_checkpoints")
+    if not ckpt.steps():
+        if os.path.isdir(corrupt_dir) and os.listdir(corrupt_dir):
+            raise RunError(f"{ckpt.directory} has no checkpoint but {corrupt_dir} has unreadable ones: not "
+                           f"starting afresh over them; move them away to start a new run in this workdir")
+        return None
+    damaged = []  # (step, step_dir, where), newest first
     for step in reversed(ckpt.steps()):
         step_dir = os.path.join(ckpt.directory, str(step))
         try:
             state, data_state, _ = ckpt.restore(target, step)
-            return state, data_state
         except Exception as e:  # orbax and tensorstore raise many types for damaged files
-            where = _unreadable(e, step_dir)
+            where = _damage(e, step_dir)
+            if where is None:
+                raise RunError(f"checkpoint step {step} in {ckpt.directory} cannot be restored into this run's "
+                               f"state ({type(e).__name__}: {' '.join(str(e).split())[:200]}); its files look "
+                               f"whole: was the config changed?") from None
             if policy != "fallback":
                 raise RunError(f"checkpoint step {step} cannot be read: {where} (with "
                                f"--config.training.on_corrupt_checkpoint=fallback the run resumes from the newest "
                                f"readable checkpoint)") from None
-            aside = os.path.join(workdir, "corrupt_checkpoints", f"step_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
-            if jax.process_index() == 0:
-                os.makedirs(os.path.dirname(aside), exist_ok=True)
-                shutil.move(step_dir, aside)
+            logging.warning("checkpoint step %d cannot be read (%s); trying the previous one", step, where)
+            damaged.append((step, step_dir, where))
+            continue
+        if damaged and jax.process_index() == 0:
+            for bad, bad_dir, where in damaged:
+                aside = os.path.join(corrupt_dir, f"step_{bad}_{time.strftime('%Y%m%d-%H%M%S')}")
+                os.makedirs(corrupt_dir, exist_ok=True)
+                shutil.move(bad_dir, aside)
+                logging.warning("moved the unreadable checkpoint step %d to %s (%s)", bad, aside, where)
+        if damaged:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("diffjax: unreadable checkpoints moved")
             ckpt.reload()
-            moved.append(aside)
-            logging.warning("checkpoint step %d cannot be read (%s); moved to %s, trying the previous one", step,
-                            where, aside)
-    if moved:  # never start afresh over a run whose every checkpoint is damaged
-        raise RunError(f"no readable checkpoint in {ckpt.directory}; the unreadable ones are in "
-                       f"{os.path.dirname(moved[0])}")
-    return None
+        return state, data_state
+    first = damaged[0]
+    raise RunError(f"no checkpoint in {ckpt.directory} can be read (the newest, step {first[0]}: {first[2]}); "
+                   f"nothing was moved")
 
 
 def check_guard(guard: dict, step: int, policy: str, max_consecutive: int, last_checkpoint: Optional[int],

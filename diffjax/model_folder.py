@@ -46,12 +46,25 @@ SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing")
 
 
 def _host(tree: Any) -> Any:
-    """Every leaf as a numpy array on this host (gathered across processes when sharded over several)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    """Every leaf as a numpy array on this host; a ``jax.Array`` sharded over several processes is gathered
+    (a collective: every process calls this)."""
 
-        tree = multihost_utils.process_allgather(tree, tiled=True)
-    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _is_model_folder(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, INDEX)) as f:
+            return json.load(f).get("_class_name") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -85,14 +98,12 @@ def _write_json(path: str, obj: dict) -> None:
 
 def save(pipe, directory: str) -> str:
     """Write ``pipe`` (a ``Text2Image``) as a model folder at ``directory``; returns its absolute path.
-    ``directory`` must not exist, be empty, or be a model folder (which is replaced); every process takes
-    part in gathering sharded parameters and process 0 writes."""
-    from safetensors.numpy import save_file
-
+    ``directory`` must not exist, be empty, or be a diffjax model folder (which is replaced); every process
+    takes part in gathering sharded parameters and process 0 writes."""
     directory = os.path.abspath(os.path.expanduser(directory))
     if os.path.exists(directory) and not (os.path.isdir(directory) and (
-            not os.listdir(directory) or os.path.isfile(os.path.join(directory, INDEX)))):
-        raise FileExistsError(f"{directory} exists and is not an empty directory or a model folder; not "
+            not os.listdir(directory) or _is_model_folder(directory))):
+        raise FileExistsError(f"{directory} exists and is not an empty directory or a diffjax model folder; not "
                               f"overwriting it")
     unet_params, text_params = _host(pipe.unet_params), _host(pipe.text_params)
     for name, tree in (("unet", unet_params), ("text_encoder", text_params)):
@@ -100,8 +111,18 @@ def save(pipe, directory: str) -> str:
         if bad:
             raise ValueError(f"refusing to export {directory}: {name} parameter {bad[0]} is not finite"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    if jax.process_index() != 0:
-        return directory
+    if jax.process_index() == 0:
+        _write(pipe, directory, unet_params, text_params)
+    if jax.process_count() > 1:  # nobody reports success before the folder is in place
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("diffjax: model folder written")
+    return directory
+
+
+def _write(pipe, directory: str, unet_params: dict, text_params: dict) -> None:
+    from safetensors.numpy import save_file
+
     parent = os.path.dirname(directory)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -112,25 +133,30 @@ def save(pipe, directory: str) -> str:
         configs = factory.component_configs(pipe.models)
         _write_json(os.path.join(tmp, INDEX), {
             "_class_name": FORMAT, "format_version": FORMAT_VERSION, "image_shape": list(pipe.image_shape),
-            "text_max_length": pipe.models.text_encoder.max_length, "unet": "unet", "text_encoder": TEXT_ENCODER, "scheduler": "scheduler"})
+            "text_max_length": pipe.models.text_encoder.max_length, "unet": "unet", "text_encoder": TEXT_ENCODER,
+            "scheduler": "scheduler"})
         _write_json(os.path.join(tmp, UNET_CONFIG), configs["unet"])
         save_file({k: np.ascontiguousarray(v) for k, v in _flatten(unet_params).items()},
                   os.path.join(tmp, UNET_PARAMS), metadata={"format": "diffjax"})
         sampling = dict(pipe.defaults, timestep_spacing=pipe.timestep_spacing)
         _write_json(os.path.join(tmp, SCHEDULER_CONFIG), {**configs["scheduler"], **sampling})
         pipe.models.text_encoder.save_pretrained(os.path.join(tmp, TEXT_ENCODER), text_params)
-        if os.path.isdir(directory):
-            old = directory + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
+        if not os.path.isdir(directory):
             os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return
+        # Replace an existing folder: move it aside under a fresh name, put the new one in place, and put the
+        # old one back if that fails.
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", suffix=".old", dir=parent)
+        os.replace(directory, old)
+        try:
             os.replace(tmp, directory)
+        except BaseException:
+            os.replace(old, directory)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class Text2Image:
     def from_checkpoint(cls, workdir: str, step: Optional[int] = None, use_ema: bool = True,
                         mesh=None) -> "Text2Image":
         """The pipeline of the training run in ``workdir``: config, networks and (EMA) parameters from its
-        checkpoint at ``step`` (default: the latest), on ``mesh`` (default: all local devices), whatever the
+        checkpoint at ``step`` (default: the latest), on ``mesh`` (default: all devices), whatever the
         mesh, device count and batch size of the training run. Only the parameters it needs are read
         (orbax partial restore: no optimizer state, no raw parameters when ``use_ema``); no dataset."""
         import ml_collections
@@ -131,7 +131,7 @@ class Text2Image:
 
     @classmethod
     def from_pretrained(cls, directory: str, mesh=None) -> "Text2Image":
-        """The pipeline saved by :meth:`save_pretrained` in ``directory``, on ``mesh`` (default: all local
+        """The pipeline saved by :meth:`save_pretrained` in ``directory``, on ``mesh`` (default: all
         devices); needs no experiment config, dataset or optimizer."""
         from diffjax import model_folder
 

@@ -387,8 +387,9 @@ class TextEncoder:
         subfolder: str = "",
         tokenizer_subfolder: str | None = None,
         bpe_path: str | None = None,
+        load_weights: bool = True,
         **hub_kwargs: Any,
-    ) -> tuple["TextEncoder", dict]:
+    ) -> tuple["TextEncoder", dict | None]:
         """Load a CLIP text model from a local directory or the Hugging Face Hub.
 
         Works with CLIP checkpoints (``openai/clip-vit-base-patch32``, ``openai/clip-vit-large-patch14``:
@@ -406,6 +407,8 @@ class TextEncoder:
           subfolder: where the model's config and weights are inside ``name_or_path``.
           tokenizer_subfolder: where the tokenizer files are (default: ``subfolder``).
           bpe_path: OpenAI's BPE file for the fallback tokenizer.
+          load_weights: False reads only the config and the tokenizer (params None), for parameters that come
+            from elsewhere (a training checkpoint).
           **hub_kwargs: passed to ``from_pretrained`` of transformers (revision, cache_dir,
             local_files_only, token, ...).
 
@@ -435,10 +438,12 @@ class TextEncoder:
                 # transformers converts PyTorch weights only through an initialised model
                 return FlaxCLIPTextModel.from_pretrained(name, _do_init=True, **extra).params
 
+        params = None
         try:
             config = CLIPTextConfig.from_pretrained(name, **kwargs)
             try:
-                params = load_params(config=config, dtype=dtype, **kwargs)
+                if load_weights:
+                    params = load_params(config=config, dtype=dtype, **kwargs)
             except OSError as e:
                 if "from_pt" not in str(e) or kwargs.get("from_pt"):
                     raise
@@ -446,7 +451,8 @@ class TextEncoder:
         except OSError as e:
             where = "local directory" if is_local else "Hugging Face Hub model"
             raise OSError(f"could not load a CLIP text model from {where} {name!r}: {_first_line(e)}") from e
-        params = jax.tree_util.tree_map(jnp.asarray, params)
+        if params is not None:
+            params = jax.tree_util.tree_map(jnp.asarray, params)
 
         tok_sub = subfolder if tokenizer_subfolder is None else tokenizer_subfolder
         tokenizer = None

@@ -124,7 +124,10 @@ def update_guard(guard: dict, step: Array, loss: Array, grad_norm: Array, spike_
     accept = finite
     if spike_sigma > 0:
         armed = guard["accepted"] >= SPIKE_WARMUP
-        accept &= ~(armed & (loss > guard["loss_mean"] + spike_sigma * jnp.sqrt(guard["loss_var"])))
+        # The variance EMA starts at 0: divide by 1 - β^(n-1) (as Adam's bias correction) for an unbiased σ.
+        correction = 1.0 - SPIKE_EMA_DECAY ** jnp.maximum(guard["accepted"] - 1, 1).astype(jnp.float32)
+        std = jnp.sqrt(guard["loss_var"] / correction)
+        accept &= ~(armed & (loss > guard["loss_mean"] + spike_sigma * std))
     skip = (~accept).astype(jnp.int32)
     # Running statistics of the accepted losses (the first one seeds the mean).
     b = jnp.where(guard["accepted"] == 0, 0.0, SPIKE_EMA_DECAY)

@@ -133,10 +133,11 @@ def unet_config(fields, text_hidden_size: int, use_pooled: bool) -> UNetConfig:
 
 def text_encoder(text_config, seed: int = 0, with_params: bool = True) -> tuple[TextEncoder, Optional[dict]]:
     """The ``TextEncoder`` of ``config.text`` and its parameters (pretrained, or initialised from ``seed``);
-    with ``with_params=False`` a from-config encoder is built without initialising any weights (params None)."""
+    with ``with_params=False`` only its config and tokenizer are read (no weights loaded or initialised; params
+    None), for parameters restored from a checkpoint."""
     tc = text_config
     if tc.pretrained:
-        encoder, params = TextEncoder.from_pretrained(tc.encoder)
+        encoder, params = TextEncoder.from_pretrained(tc.encoder, load_weights=with_params)
         return encoder.replace(trainable=tc.trainable, max_length=tc.max_length), params
     return TextEncoder.from_config(tc.encoder, seed=seed, max_length=tc.max_length, trainable=tc.trainable,
                                    init=with_params)

@@ -44,26 +44,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     choice("optim.lr_schedule", config.optim.lr_schedule, ("constant", "cosine"))
     choice("training.on_nonfinite", config.training.on_nonfinite, ("skip", "stop"))
     choice("training.on_corrupt_checkpoint", config.training.on_corrupt_checkpoint, ("fallback", "fail"))
-    for key in ("training.max_consecutive_skips", "training.loss_spike_sigma"):
-        section, name = key.split(".")
-        if config[section][name] < 0:
-            raise ValueError(f"config.{key}={config[section][name]} must be >= 0")
     if not 0.0 <= d.cond_drop_prob < 1.0:
         raise ValueError(f"config.diffusion.cond_drop_prob={d.cond_drop_prob} must be in [0, 1)")
     if not 1 <= config.sampling.num_steps <= d.num_timesteps:
         raise ValueError(f"config.sampling.num_steps={config.sampling.num_steps} must be in 1..{d.num_timesteps}")
     for key in ("training.batch_size", "training.num_steps", "training.log_every", "training.checkpoint_every",
-                "sharding.fsdp", "diffusion.num_timesteps"):
-        section, name = key.split(".")
-        if int(config[section][name]) < 1:
-            raise ValueError(f"config.{key}={config[section][name]} must be a positive integer")
-    for key in ("training.keep_checkpoints", "training.eval_batches", "sampling.images_per_prompt",
-                "text.max_length"):
+                "sharding.fsdp", "diffusion.num_timesteps", "training.keep_checkpoints", "training.eval_batches",
+                "sampling.images_per_prompt", "text.max_length"):
         section, name = key.split(".")
         if int(config[section][name]) < 1:
             raise ValueError(f"config.{key}={config[section][name]} must be a positive integer")
     for key in ("training.eval_every", "training.sample_every", "optim.warmup_steps", "optim.grad_clip_norm",
-                "optim.weight_decay", "optim.learning_rate"):
+                "optim.weight_decay", "optim.learning_rate", "training.max_consecutive_skips",
+                "training.loss_spike_sigma"):
         section, name = key.split(".")
         if config[section][name] < 0:
             raise ValueError(f"config.{key}={config[section][name]} must be >= 0")
