@@ -4,6 +4,7 @@ lost, nothing non-finite is saved, and every stop is one line and a non-zero exi
 checkpoint, for a preemption)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -208,6 +209,39 @@ def _free_port():
         return sock.getsockname()[1]
 
 
+def _start_pair(run, fake_config, subprocess_env, num_steps, heartbeat_timeout=10):
+    """Two experiments.main processes of one run (gloo collectives on 127.0.0.1, one CPU device each)."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(subprocess_env(1), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                   DIFFJAX_HEARTBEAT_TIMEOUT_SECONDS=str(heartbeat_timeout))
+        procs.append(_start([f"--workdir={run}", "--config=experiments/configs/tiny.py", *_data_flags(fake_config),
+                             "--config.optim.lr_schedule=constant", "--config.training.log_every=1",
+                             "--config.training.checkpoint_every=4", f"--config.training.num_steps={num_steps}"], env))
+    return procs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(fake_config, trainer, tmp_path, subprocess_env):
+    """A preemption notice reaches one host: JAX's preemption sync makes both checkpoint the same step and
+    exit 0."""
+    run = tmp_path / "run"
+    procs = _start_pair(run, fake_config, subprocess_env, 100000, heartbeat_timeout=60)
+    try:
+        _wait_for_line(procs[0], "step 6:")
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    stops = [int(re.search(r"stopped at step (\d+)", err).group(1)) for _, err in outs]
+    assert stops[0] == stops[1] >= 6
+    assert stops[0] in _restore_all(trainer, str(run))
+
+
 @pytest.mark.slow
 def test_a_dead_process_stops_its_peer_in_bounded_time_and_the_pair_resumes(fake_config, trainer, tmp_path,
                                                                           subprocess_env):
@@ -218,17 +252,7 @@ def test_a_dead_process_stops_its_peer_in_bounded_time_and_the_pair_resumes(fake
     run = tmp_path / "run"
 
     def start(num_steps):
-        port = _free_port()
-        procs = []
-        for i in range(2):
-            env = dict(subprocess_env(1), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_PROCESSES="2",
-                       JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                       DIFFJAX_HEARTBEAT_TIMEOUT_SECONDS=str(timeout))
-            procs.append(_start([f"--workdir={run}", "--config=experiments/configs/tiny.py", *_data_flags(fake_config),
-                                 "--config.optim.lr_schedule=constant", "--config.training.log_every=1",
-                                 "--config.training.checkpoint_every=4", f"--config.training.num_steps={num_steps}"],
-                                env))
-        return procs
+        return _start_pair(run, fake_config, subprocess_env, num_steps, heartbeat_timeout=timeout)
 
     first = start(100000)
     try:
