@@ -266,10 +266,29 @@ def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> Trai
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
         writer = MetricWriter(os.path.join(workdir, "tensorboard"))
         try:
-            return _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at)
-        finally:
-            ckpt.close()  # waits for the last asynchronous save
+            state = _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at)
+        except BaseException:
+            try:  # the original error is the one to report
+                ckpt.close()
+            except Exception as e:
+                logging.error("%s", _save_failed(e, ckpt))
             writer.close()
+            raise
+        try:
+            ckpt.close()  # waits for the last asynchronous save
+        except Exception as e:
+            raise RunError(_save_failed(e, ckpt)) from None
+        finally:
+            writer.close()
+        return state
+
+
+def _save_failed(error: BaseException, ckpt: Checkpointer) -> str:
+    """One line for a failed (asynchronous) save: the cause, and the newest complete checkpoint on disk."""
+    done = sorted(int(d) for d in os.listdir(ckpt.directory) if d.isdigit()) if os.path.isdir(ckpt.directory) else []
+    kept = f"the last complete checkpoint (step {done[-1]}) is intact" if done else "no checkpoint is complete"
+    return (f"saving a checkpoint in {ckpt.directory} failed ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:240]}); {kept}")
 
 
 def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
@@ -348,7 +367,10 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
             stop = step == stop_at or stop_request.requested or ckpt.reached_preemption(step)
             if checkpoint.due(step) or stop:
                 check(step)
-                ckpt.save(step, state, train_it.get_state(), cfg, force=bool(stop))
+                try:  # also raises the error of the previous asynchronous save, if it failed
+                    ckpt.save(step, state, train_it.get_state(), cfg, force=bool(stop))
+                except Exception as e:
+                    raise RunError(_save_failed(e, ckpt)) from None
             if stop:
                 why = stop_request.requested or ("a preemption notice" if step != stop_at else "stop_at")
                 logging.warning("stopped at step %d by %s, with a checkpoint; the same command resumes", step, why)

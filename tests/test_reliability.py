@@ -438,3 +438,48 @@ def test_inconsistent_or_out_of_range_config_values_fail_in_one_line(key, value,
     with pytest.raises(ValueError) as e:
         validate_config(config)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.fixture()
+def small_filesystem(tmp_path):
+    """``mount(size_kb, read_only=False)``: a tmpfs under tmp_path (the machines run as root; skipped where
+    mounting is not allowed), unmounted at the end."""
+    mounted = []
+
+    def mount(size_kb, read_only=False):
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        options = f"size={size_kb}k" + (",ro" if read_only else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                              text=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def test_disk_full_at_save_time_and_a_read_only_workdir(trainer, fake_config, tmp_path, run_main, last_error_line,
+                                                        small_filesystem):
+    from diffjax import loop
+
+    probe = str(tmp_path / "probe")
+    loop.train(trainer, probe, stop_at=2)
+    step_dir = os.path.join(probe, "checkpoints", "2")
+    size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(step_dir) for f in fs)
+    disk = small_filesystem(int(size * 1.6) // 1024)  # room for one checkpoint, not two
+    workdir = disk / "run"
+    flags = ["--config=experiments/configs/tiny.py", *_data_flags(fake_config), "--config.training.num_steps=8",
+             "--config.training.checkpoint_every=2"]
+    proc = run_main([f"--workdir={workdir}", *flags])
+    line = last_error_line(proc)
+    assert proc.returncode == 2 and line.startswith(f"error: saving a checkpoint in {workdir / 'checkpoints'} failed")
+    assert line.endswith("the last complete checkpoint (step 2) is intact"), line
+    assert 2 in _restore_all(trainer, str(workdir))
+    read_only = small_filesystem(64, read_only=True)
+    proc = run_main([f"--workdir={read_only / 'run'}", *flags])
+    assert proc.returncode == 2 and "Read-only file system" in last_error_line(proc)
+    assert "Traceback" not in proc.stderr
