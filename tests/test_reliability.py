@@ -15,6 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# Restores that fail on purpose leave orbax/tensorstore objects whose finalisers complain at garbage collection
+# ("Event loop is closed"), thousands of lines attributed to whichever test runs then.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 def _flat(tree):
     return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
