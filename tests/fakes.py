@@ -58,3 +58,18 @@ def random_text2image(mesh=None):
     return Text2Image(models, perturbed(unet_params), perturbed(text_params, seed=1), (8, 8, 1),
                       sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
                       timestep_spacing=sc.timestep_spacing, mesh=mesh)
+
+
+def flat(tree):
+    """Every leaf of a (device) pytree, as one float32 vector: parameters compared at a glance."""
+    leaves = jax.tree_util.tree_leaves(jax.device_get(tree))
+    return np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a jax.distributed coordinator)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

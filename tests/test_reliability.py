@@ -15,13 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fakes import flat, free_port
+
 # Restores that fail on purpose leave orbax/tensorstore objects whose finalisers complain at garbage collection
 # ("Event loop is closed"), thousands of lines attributed to whichever test runs then.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-def _flat(tree):
-    return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -75,12 +73,12 @@ def test_a_non_finite_update_is_skipped_inside_the_step(trainer, fake_config):
     after = jax.device_get(state)
     assert not np.isfinite(float(metrics["loss"]))
     for part in ("params", "ema_params", "opt_state"):
-        np.testing.assert_array_equal(_flat(getattr(after, part)), _flat(getattr(before, part)))
+        np.testing.assert_array_equal(flat(getattr(after, part)), flat(getattr(before, part)))
     assert int(after.step) == 2 and int(after.guard["skipped"]) == 1 and int(after.guard["last_skipped"]) == 2
     assert not np.array_equal(np.asarray(after.rng), np.asarray(before.rng))
     state, metrics = trainer.step(state, trainer.shard_batch(good))  # the next good batch trains again
     assert np.isfinite(float(metrics["loss"])) and int(metrics["skipped_updates"]) == 1
-    assert not np.array_equal(_flat(state.params), _flat(after.params))
+    assert not np.array_equal(flat(state.params), flat(after.params))
     assert int(state.guard["consecutive"]) == 0
 
 
@@ -121,7 +119,7 @@ def test_a_diverging_run_stops_with_one_line_and_finite_checkpoints(policy, fake
     saved = _restore_all(trainer, str(workdir))
     assert sorted(saved) == ([1] if policy == "stop" else [1, 2, 3])
     for state in saved.values():
-        assert np.all(np.isfinite(_flat(state)))
+        assert np.all(np.isfinite(flat(state)))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -184,7 +182,7 @@ def test_preemption_checkpoints_exits_zero_and_resumes_bitwise(sig, fake_config,
     parts = ("params", "ema_params", "opt_state", "rng", "guard")
     resumed, direct = (_restore_all(trainer, str(w), parts)[steps] for w in (run, straight))
     for part in parts:
-        np.testing.assert_array_equal(_flat(resumed[part]), _flat(direct[part]), err_msg=part)
+        np.testing.assert_array_equal(flat(resumed[part]), flat(direct[part]), err_msg=part)
 
 
 def test_the_workdir_lock_is_released_when_its_holder_dies(tmp_path):
@@ -205,17 +203,9 @@ def test_the_workdir_lock_is_released_when_its_holder_dies(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_pair(run, fake_config, subprocess_env, num_steps, heartbeat_timeout=10):
     """Two experiments.main processes of one run (gloo collectives on 127.0.0.1, one CPU device each)."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for i in range(2):
         env = dict(subprocess_env(1), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_NUM_PROCESSES="2",
@@ -377,8 +367,8 @@ def test_from_checkpoint_with_a_frozen_text_encoder_reads_its_parameters(tmp_pat
     ckpt.close()
     for use_ema, unet in ((True, state.ema_params["unet"]), (False, state.params["unet"])):
         pipe = Text2Image.from_checkpoint(str(tmp_path), use_ema=use_ema)
-        np.testing.assert_array_equal(_flat(pipe.unet_params), _flat(unet))
-        np.testing.assert_array_equal(_flat(pipe.text_params), _flat(state.frozen["text"]))
+        np.testing.assert_array_equal(flat(pipe.unet_params), flat(unet))
+        np.testing.assert_array_equal(flat(pipe.text_params), flat(state.frozen["text"]))
 
 
 def test_a_partial_checkpoint_is_ignored_and_reported(trainer, fake_config, tmp_path, caplog):
@@ -420,7 +410,7 @@ def test_rotation_never_deletes_the_last_good_checkpoint_for_an_unfinished_one(t
     fresh = Checkpointer(directory, max_to_keep=1)
     assert 1 in fresh.steps()  # not rotated out: deletion of old steps runs only after a successful commit
     restored, _, _ = fresh.restore(trainer.restore_target(), 1)
-    np.testing.assert_array_equal(_flat(restored.params), _flat(state.params))
+    np.testing.assert_array_equal(flat(restored.params), flat(state.params))
     fresh.close()
 
 

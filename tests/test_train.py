@@ -1,7 +1,6 @@
 """Training: overfitting, resume = straight run, sharded layouts = one device, two processes = one, errors."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,11 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from fakes import flat, free_port
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
-
-
-def _flat(tree):
-    return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree_util.tree_leaves(jax.device_get(tree))])
 
 
 def test_loss_falls_when_overfitting_one_batch(trainer, fake_config):
@@ -54,8 +51,8 @@ def test_resume_equals_straight_run(trainer, fake_config, tmp_path):
     ckpt.close()
     resumed = loop.train(trainer, str(tmp_path / "resumed"))
     assert int(resumed.step) == 4
-    np.testing.assert_allclose(_flat(resumed.params), _flat(straight.params), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(_flat(resumed.ema_params), _flat(straight.ema_params), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(flat(resumed.params), flat(straight.params), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(flat(resumed.ema_params), flat(straight.ema_params), rtol=1e-6, atol=1e-7)
     run = tmp_path / "straight"
     assert (run / "samples" / "step_000004.png").stat().st_size > 0
     events = list((run / "tensorboard").iterdir())
@@ -96,15 +93,9 @@ def test_checkpoint_restores_onto_another_device_count(layouts):
     _close(layouts["continued_1"], layouts["continued_8"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_together_like_one(layouts, tmp_path, subprocess_env):
     """Two local processes (gloo collectives, 2 CPU devices each) each feed half of every global batch."""
-    port, out = _free_port(), tmp_path / "two.npz"
+    port, out = free_port(), tmp_path / "two.npz"
     procs = [subprocess.Popen([sys.executable, WORKER, "process", str(i), "2", str(port), str(out)],
                               env=subprocess_env(2),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fakes import GLOBAL_BATCH, random_text2image, tiny_config
+from fakes import GLOBAL_BATCH, flat, random_text2image, tiny_config
 
 STEPS = 3
 
@@ -32,11 +32,6 @@ def batches(trainer, num, batch_size=GLOBAL_BATCH):
         image = rng.uniform(-1, 1, (batch_size,) + trainer.image_shape).astype(np.float32)
         out.append({"image": image, "token_ids": ids, "mask": mask})
     return out
-
-
-def flat(tree):
-    leaves = jax.tree_util.tree_leaves(jax.device_get(tree))
-    return np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
 
 
 def run_mesh(config, mesh, local_slice=slice(None), trainer=None):
