@@ -12,7 +12,7 @@ MAIN := $(BIN)/python -m experiments.main
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,reference]'
+	$(BIN)/pip install -q -e '.[dev,reference,notebooks]'
 	# The CLIP BPE vocabulary ships in openai-clip; its torch/torchvision requirements are not needed to read it.
 	$(BIN)/pip install -q --no-deps openai-clip==1.0.1
 	# pytorch-fid is the reference of tests/test_inception.py; its torchvision requirement cannot be met beside
@@ -24,7 +24,8 @@ venv: $(BIN)/.installed
 
 # Fashion-MNIST's IDX files come from Debian's dataset-fashion-mnist (nothing is downloaded at run time).
 $(FMNIST_IDX):
-	apt-get install -y -q dataset-fashion-mnist || sudo apt-get install -y -q dataset-fashion-mnist
+	apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
+		|| sudo apt-get install -y -q dataset-fashion-mnist
 
 # The feature network of the metrics (trained once, ~4 min), then the text-to-image model (~16 min),
 # then its evaluation: a grid for every class and the metrics (WORKDIR/eval/step_*/).
@@ -36,7 +37,8 @@ demo: venv $(FMNIST_IDX) $(CLASSIFIER)/metrics.json
 	$(MAIN) --mode=eval --config=experiments/configs/fashion_mnist.py --workdir=$(WORKDIR) \
 		--config.evaluation.classifier_workdir=$(CLASSIFIER)
 
-test: venv
+# The notebooks (tests/test_notebooks.py) train on the real Fashion-MNIST files.
+test: venv $(FMNIST_IDX)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
