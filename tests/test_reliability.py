@@ -470,10 +470,11 @@ def test_disk_full_at_save_time_and_a_read_only_workdir(trainer, fake_config, tm
              "--config.training.checkpoint_every=2"]
     proc = run_main([f"--workdir={workdir}", *flags])
     line = last_error_line(proc)
-    assert proc.returncode == 2 and line.startswith(f"error: saving a checkpoint in {workdir / 'checkpoints'} failed")
+    assert proc.returncode == 2 and line.startswith(f"error: saving a checkpoint in {workdir / 'checkpoints'} failed"), (
+        proc.returncode, proc.stderr[-3000:])
     assert line.endswith("the last complete checkpoint (step 2) is intact"), line
-    assert 2 in _restore_all(trainer, str(workdir))
+    assert 2 in _restore_all(trainer, str(workdir)), os.listdir(workdir / "checkpoints")
     read_only = small_filesystem(64, read_only=True)
     proc = run_main([f"--workdir={read_only / 'run'}", *flags])
-    assert proc.returncode == 2 and "Read-only file system" in last_error_line(proc)
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Read-only file system" in last_error_line(proc), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
