@@ -133,17 +133,26 @@ def _start(args, env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_line(proc, needle, timeout=600):
-    """Read the process's stderr until a line contains ``needle``; returns the lines read."""
-    lines, t0 = [], time.time()
+def _wait_for_line(proc, needle, timeout=600, until=None):
+    """Read the process's stderr until a line contains ``needle`` (and, if given, ``until()`` holds once it has
+    appeared); returns the lines read."""
+    lines, seen, t0 = [], False, time.time()
     while time.time() - t0 < timeout:
         line = proc.stderr.readline()
         if not line:
             break
         lines.append(line)
-        if needle in line:
+        seen = seen or needle in line
+        if seen and (until is None or until()):
             return lines
-    raise AssertionError(f"{needle!r} never appeared:\n" + "".join(lines[-30:]))
+    raise AssertionError(f"{needle!r} never appeared" + (" with the condition met" if seen else "") + ":\n"
+                         + "".join(lines[-30:]))
+
+
+def _complete_steps(workdir) -> list[int]:
+    """The committed checkpoint steps in ``workdir`` (orbax renames a step's directory to its number last)."""
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -249,8 +258,8 @@ def test_a_dead_process_stops_its_peer_in_bounded_time_and_the_pair_resumes(fake
         return _start_pair(run, fake_config, subprocess_env, num_steps, heartbeat_timeout=timeout)
 
     first = start(100000)
-    try:
-        _wait_for_line(first[0], "step 6:")
+    try:  # killed once step 4's asynchronous save is committed (on a loaded machine that takes several steps)
+        _wait_for_line(first[0], "step 6:", until=lambda: any(step >= 4 for step in _complete_steps(run)))
         first[1].kill()
         t0 = time.time()
         _, err = first[0].communicate(timeout=timeout + 170)  # bounded: the heartbeat timeout and a margin
@@ -260,8 +269,8 @@ def test_a_dead_process_stops_its_peer_in_bounded_time_and_the_pair_resumes(fake
             p.kill()
     assert first[0].returncode != 0, (first[0].returncode, waited)
     assert "another task died" in err or "heartbeat" in err, err[-3000:]
-    complete = sorted(int(d) for d in os.listdir(run / "checkpoints") if d.isdigit())
-    assert complete and complete[-1] >= 4
+    complete = _complete_steps(run)
+    assert complete and complete[-1] >= 4, complete
     second = start(complete[-1] + 3)
     outs = [p.communicate(timeout=600) for p in second]
     assert all(p.returncode == 0 for p in second), outs[0][1][-3000:] + outs[1][1][-3000:]
