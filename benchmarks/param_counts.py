@@ -1,11 +1,13 @@
-"""Print the parameter counts of the U-Net presets (abstract init via jax.eval_shape: no memory, seconds).
+"""Print the parameter counts of the U-Net and DiT presets (abstract init via jax.eval_shape: no memory, seconds).
 
     .venv/bin/python benchmarks/param_counts.py
 
 Counted: every leaf of the ``params`` collection returned by ``UNet(cfg).init`` (kernels, biases,
 GroupNorm/LayerNorm scales and offsets, the label/pooled embeddings when configured), summed over
 ``np.prod(leaf.shape)``; with text inputs so that cross-attention parameters exist. Parameter counts do not
-depend on the image size.
+depend on the image size. The DiT presets are counted as configured (text cross-attention of width
+``context_dim``) and in the paper's class-conditional form (1000 classes + null, learned sigma, no text), which
+Peebles & Xie 2023 report as 33M (S/2), 130M (B/2), 458M (L/2) and 675M (XL/2).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax
 
-from diffjax.models import PRESETS, UNet, count_params, unet_preset
+import jax.numpy as jnp
+
+from diffjax.models import DIT_PRESETS, PRESETS, DiT, UNet, count_params, dit_preset, unet_preset
 
 # Reference figures: Ho et al. 2020 (DDPM CIFAR-10: 35.7M; reimplementations of that architecture count
 # 35,746,307) and Stable Diffusion v1's U-Net (859,520,964 parameters).
@@ -71,6 +75,23 @@ def main():
           f"(DDPM: 35.7M; 35,746,307 in reimplementations)")
     sd = dict((r[0], r[2]) for r in rows)["sd"]
     print(f"sd: {sd:,} (Stable Diffusion v1 U-Net: {SD_V1:,})")
+
+    print()
+    print(f"{'DiT preset':14s} {'as configured':>14s} {'class-cond.':>14s}  {'paper':>6s}")
+    paper = {"S/2": "33M", "B/2": "130M", "L/2": "458M", "XL/2": "675M"}
+    for name in DIT_PRESETS:
+        cfg = dit_preset(name)
+        n = count_params(dit_params(cfg))
+        cc = count_params(dit_params(dit_preset(name, context_dim=None, num_classes=1001, learn_sigma=True),
+                                     labels=True))
+        print(f"{name:14s} {n:14,d} {cc:14,d}  {paper.get(name, ''):>6s}")
+
+
+def dit_params(cfg, labels=False, image_size=32):
+    x = jnp.zeros((1, image_size, image_size, cfg.in_channels))
+    text = None if cfg.context_dim is None else jnp.zeros((1, 1, cfg.context_dim))
+    kw = {"labels": jnp.zeros((1,), jnp.int32)} if labels else {}
+    return jax.eval_shape(lambda k: DiT(cfg).init(k, x, jnp.zeros((1,)), text, **kw), jax.random.key(0))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def _load(workdir, path):
         from diffjax.pipeline import Text2Image
 
         pipe = Text2Image.from_checkpoint(workdir)
-        arrays = (pipe.unet_params, pipe.text_params)
+        arrays = (pipe.denoiser_params, pipe.text_params)
     return jax.block_until_ready(arrays), state if path == "full_state" else arrays
 
 

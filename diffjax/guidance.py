@@ -55,15 +55,20 @@ def classifier_free_guidance(denoiser: Denoiser, cond: Any, uncond: Any, guidanc
 
     ``cond`` and ``uncond`` are pytrees of the same structure (e.g. text states and mask for the prompts and
     for the empty prompt), batched like x_t. Each call evaluates the network once on the concatenated batch
-    [x_t; x_t] with [uncond; cond] and combines the halves with ``cfg_combine``.
+    [x_t; x_t] with [uncond; cond] and combines the halves with ``cfg_combine``. A learned-variance output
+    (twice the channels of x_t) is guided on its prediction channels only; the variance channels are the
+    conditional model's (as DiT's sampling does).
     """
 
     def model_fn(x_t: Array, t: Array) -> Array:
         _check_batch(x_t, cond, "cond")
         _check_batch(x_t, uncond, "uncond")
-        b = x_t.shape[0]
+        b, c = x_t.shape[0], x_t.shape[-1]
         out = denoiser(jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t, t], 0), _batch_concat(uncond, cond))
         out = out.astype(jnp.float32)
+        if out.shape[-1] == 2 * c:
+            guided = cfg_combine(out[:b, ..., :c], out[b:, ..., :c], guidance_scale, guidance_rescale)
+            return jnp.concatenate([guided, out[b:, ..., c:]], axis=-1)
         return cfg_combine(out[:b], out[b:], guidance_scale, guidance_rescale)
 
     return model_fn

@@ -346,7 +346,7 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
         writer.write_scalars(step, {"eval/loss": float(jnp.mean(jnp.stack(vals)))})
 
     def write_samples(step):
-        pipe = sampler.with_params(state.ema_params["unet"], state.text_params(ema=True))
+        pipe = sampler.with_params(state.ema_params[trainer.models.component], state.text_params(ema=True))
         images = pipe.generate([p for p in prompts for _ in range(sc.images_per_prompt)], seed=cfg.seed + 1)
         if lead:
             grid = pipeline.image_grid(images, rows=len(prompts))

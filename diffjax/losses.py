@@ -16,10 +16,16 @@ Weightings are defined on the ε scale and converted, using ‖ε - ε̂‖² = 
 
 Classifier-free guidance needs a model that also knows the unconditional case: with probability
 ``cond_drop_prob`` an example's conditioning is replaced by the unconditional one (Ho & Salimans 2021).
+
+A network that also outputs its reverse-process variance (``learned_variance``: twice the channels, as
+``DiTConfig(learn_sigma=True)``) is trained with the hybrid objective of Nichol & Dhariwal 2021 (§3.1):
+L_simple + λ L_vlb with λ = 0.001, i.e. per example ``vlb_term · T / 1000``, the variational-bound term seeing
+the mean prediction under a stop-gradient, so that it trains the variance alone.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -33,10 +39,53 @@ WEIGHTINGS = ("none", "min_snr", "p2")
 
 
 class LossOutput(NamedTuple):
-    loss: Array  # scalar: mean over the batch of w(t) · mse
+    loss: Array  # scalar: mean over the batch of w(t) · mse (+ the rescaled vlb term of a learned variance)
     mse: Array  # (B,) unweighted squared error per example
     weights: Array  # (B,) w(t)
     t: Array  # (B,) sampled timesteps
+    vlb: Optional[Array] = None  # (B,) the variational-bound term L_t in bits/dim (learned variance only)
+
+
+def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
+    """KL(N(μ₁, e^{logvar₁}) ‖ N(μ₂, e^{logvar₂})) elementwise, in nats:
+    ½ (logvar₂ - logvar₁ + e^{logvar₁ - logvar₂} + (μ₁ - μ₂)² e^{-logvar₂} - 1)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+
+
+def _std_normal_cdf(x: Array) -> Array:
+    """Φ(x) in the tanh approximation of the DDPM / IDDPM reference code."""
+    return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array) -> Array:
+    """log-probability, elementwise, of 8-bit data x ∈ [-1, 1] under N(mean, e^{2 log_scale}) integrated over each
+    value's bin of width 2/255, the outermost bins extended to ±∞ (Ho et al. 2020, eq. 13)."""
+    centered = x - mean
+    inv_std = jnp.exp(-log_scale)
+    cdf_plus = _std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vlb_term(schedule: NoiseSchedule, x0: Array, x_t: Array, t: Array, x0_pred: Array, v: Array) -> Array:
+    """L_t of the variational bound, per example, in bits per dimension (Nichol & Dhariwal 2021, eqs. 4-6, 15):
+
+        Σ_θ = exp(f log β_t + (1 - f) log β̃_t),  f = (v + 1) / 2,   μ_θ = μ̃_t(x̂0, x_t),
+        L_t = KL(q(x_{t-1} | x_t, x0) ‖ N(μ_θ, Σ_θ))  for t > 0,   L_0 = -log p(x0 | x_1) (discretised).
+
+    β̃ is the posterior variance with β̃_0 clipped to β̃_1 (``schedules.q_posterior``)."""
+    axes = tuple(range(1, x0.ndim))
+    true_mean, _, true_logvar = sch.q_posterior(schedule, x0, x_t, t)
+    model_mean, _, min_log = sch.q_posterior(schedule, x0_pred, x_t, t)
+    max_log = jnp.log(jnp.asarray(schedule.betas)[t]).reshape((-1,) + (1,) * (x0.ndim - 1))
+    frac = (v + 1.0) / 2.0
+    model_logvar = frac * max_log + (1.0 - frac) * min_log
+    kl = jnp.mean(normal_kl(true_mean, true_logvar, model_mean, model_logvar), axis=axes) / math.log(2.0)
+    nll = -jnp.mean(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar), axis=axes) / math.log(2.0)
+    return jnp.where(t == 0, nll, kl)
 
 
 def loss_weight(snr: Array, prediction_type: str = "eps", weighting: str = "none", *,
@@ -89,10 +138,13 @@ def drop_condition(rng: Array, cond: Any, uncond: Any, drop_prob) -> Any:
 def diffusion_loss(rng: Array, model_fn: Callable[[Array, Array, Any], Array], schedule: NoiseSchedule,
                    x0: Array, cond: Any = None, *, uncond: Any = None, prediction_type: str = "eps",
                    weighting: str = "none", min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0,
-                   cond_drop_prob=0.0, t: Optional[Array] = None, noise: Optional[Array] = None) -> LossOutput:
+                   cond_drop_prob=0.0, t: Optional[Array] = None, noise: Optional[Array] = None,
+                   learned_variance: bool = False) -> LossOutput:
     """The weighted denoising loss for a batch x0 (B, ...), with ``model_fn(x_t, t, cond) -> prediction``.
 
-    t and ε are drawn from ``rng`` unless given. ``uncond`` is needed when ``cond_drop_prob > 0``.
+    t and ε are drawn from ``rng`` unless given. ``uncond`` is needed when ``cond_drop_prob > 0``. With
+    ``learned_variance`` the model outputs the prediction and the variance interpolation v (twice the channels)
+    and the loss adds ``vlb_term · T / 1000`` (the hybrid objective, see the module docstring).
     The arithmetic is float32 whatever the model's compute dtype.
     """
     p = sch.canonical_prediction_type(prediction_type)
@@ -115,8 +167,20 @@ def diffusion_loss(rng: Array, model_fn: Callable[[Array, Array, Any], Array], s
     x_t = alpha * x0 + sigma * noise
     target = sch.prediction_target(x0, noise, alpha, sigma, p)
     pred = model_fn(x_t, t, cond).astype(jnp.float32)
+    v = None
+    if learned_variance:
+        c = target.shape[-1]
+        if pred.shape[:-1] != target.shape[:-1] or pred.shape[-1] != 2 * c:
+            raise ValueError(f"a learned-variance model must output {target.shape[:-1] + (2 * c,)} (prediction and "
+                             f"variance), got {pred.shape}")
+        pred, v = pred[..., :c], pred[..., c:]
     if pred.shape != target.shape:
         raise ValueError(f"model output shape {pred.shape} does not match the target shape {target.shape}")
     mse = jnp.mean((pred - target) ** 2, axis=tuple(range(1, x0.ndim)))
     w = loss_weight(sch.snr(schedule, t), p, weighting, min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma, p2_k=p2_k)
-    return LossOutput(loss=jnp.mean(w * mse), mse=mse, weights=w, t=t)
+    if v is None:
+        return LossOutput(loss=jnp.mean(w * mse), mse=mse, weights=w, t=t)
+    x0_pred = sch.x0_from_prediction(jax.lax.stop_gradient(pred), x_t, alpha, sigma, p)
+    vlb = vlb_term(schedule, x0, x_t, t, x0_pred, v)
+    return LossOutput(loss=jnp.mean(w * mse + vlb * (schedule.num_timesteps / 1000.0)), mse=mse, weights=w, t=t,
+                      vlb=vlb)

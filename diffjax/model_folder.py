@@ -5,7 +5,8 @@ Layout (one JSON config per component, as diffusers' pipelines are saved)::
     model_index.json                  format version, the components, the image shape (H, W, C), and the
                                       text encoder's token length
     unet/config.json                  every diffjax.models.UNetConfig field
-    unet/diffusion_params.safetensors the U-Net's parameters, keys "level/module/param"
+    unet/diffusion_params.safetensors the U-Net's parameters, keys "module/.../param"
+      (a DiT instead: transformer/config.json, every DiTConfig field, and transformer/diffusion_params.safetensors)
     text_encoder/                     a transformers directory: config.json, model.safetensors, tokenizer files
                                       (FlaxCLIPTextModel / CLIPTokenizerFast load it too)
     scheduler/scheduler_config.json   the noise schedule and prediction type, and the sampling defaults
@@ -38,8 +39,8 @@ from diffjax.text import TextEncoder
 FORMAT = "diffjax.Text2Image"
 FORMAT_VERSION = 1
 INDEX = "model_index.json"
-UNET_CONFIG = os.path.join("unet", "config.json")
-UNET_PARAMS = os.path.join("unet", "diffusion_params.safetensors")
+NETWORK_CONFIG = "config.json"  # COMPONENT/config.json, COMPONENT "unet" or "transformer"
+NETWORK_PARAMS = "diffusion_params.safetensors"
 TEXT_ENCODER = "text_encoder"
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing")
@@ -105,14 +106,14 @@ def save(pipe, directory: str) -> str:
             not os.listdir(directory) or _is_model_folder(directory))):
         raise FileExistsError(f"{directory} exists and is not an empty directory or a diffjax model folder; not "
                               f"overwriting it")
-    unet_params, text_params = _host(pipe.unet_params), _host(pipe.text_params)
-    for name, tree in (("unet", unet_params), ("text_encoder", text_params)):
+    net_params, text_params = _host(pipe.denoiser_params), _host(pipe.text_params)
+    for name, tree in ((pipe.models.component, net_params), ("text_encoder", text_params)):
         bad = [k for k, v in _flatten(tree).items() if not np.all(np.isfinite(v))]
         if bad:
             raise ValueError(f"refusing to export {directory}: {name} parameter {bad[0]} is not finite"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     if jax.process_index() == 0:
-        _write(pipe, directory, unet_params, text_params)
+        _write(pipe, directory, net_params, text_params)
     if jax.process_count() > 1:  # nobody reports success before the folder is in place
         from jax.experimental import multihost_utils
 
@@ -120,7 +121,7 @@ def save(pipe, directory: str) -> str:
     return directory
 
 
-def _write(pipe, directory: str, unet_params: dict, text_params: dict) -> None:
+def _write(pipe, directory: str, net_params: dict, text_params: dict) -> None:
     from safetensors.numpy import save_file
 
     parent = os.path.dirname(directory)
@@ -131,13 +132,14 @@ def _write(pipe, directory: str, unet_params: dict, text_params: dict) -> None:
         raise OSError(f"cannot write the model folder {directory}: {e.strerror or e}") from e
     try:
         configs = factory.component_configs(pipe.models)
+        component = pipe.models.component
         _write_json(os.path.join(tmp, INDEX), {
             "_class_name": FORMAT, "format_version": FORMAT_VERSION, "image_shape": list(pipe.image_shape),
-            "text_max_length": pipe.models.text_encoder.max_length, "unet": "unet", "text_encoder": TEXT_ENCODER,
-            "scheduler": "scheduler"})
-        _write_json(os.path.join(tmp, UNET_CONFIG), configs["unet"])
-        save_file({k: np.ascontiguousarray(v) for k, v in _flatten(unet_params).items()},
-                  os.path.join(tmp, UNET_PARAMS), metadata={"format": "diffjax"})
+            "text_max_length": pipe.models.text_encoder.max_length, component: component,
+            "text_encoder": TEXT_ENCODER, "scheduler": "scheduler"})
+        _write_json(os.path.join(tmp, component, NETWORK_CONFIG), configs[component])
+        save_file({k: np.ascontiguousarray(v) for k, v in _flatten(net_params).items()},
+                  os.path.join(tmp, component, NETWORK_PARAMS), metadata={"format": "diffjax"})
         sampling = dict(pipe.defaults, timestep_spacing=pipe.timestep_spacing)
         _write_json(os.path.join(tmp, SCHEDULER_CONFIG), {**configs["scheduler"], **sampling})
         pipe.models.text_encoder.save_pretrained(os.path.join(tmp, TEXT_ENCODER), text_params)
@@ -220,7 +222,7 @@ def _load_text_encoder(directory: str, max_length) -> tuple[TextEncoder, dict]:
 
 
 def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, dict, tuple, dict]:
-    """(models, {"unet": ..., "text": ...}, image_shape, sampling defaults) of the model folder at
+    """(models, {component: ..., "text": ...}, image_shape, sampling defaults) of the model folder at
     ``directory``. ``place`` maps the parameters' abstract tree to the same tree with target shardings."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -239,29 +241,36 @@ def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, d
     shape = index.get("image_shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
         raise ValueError(f"{os.path.join(directory, INDEX)}: image_shape must be [H, W, C], got {shape!r}")
-    unet_fields = _read_json(directory, UNET_CONFIG)
+    components = [c for c in factory.COMPONENTS if c in index]
+    if len(components) != 1:
+        raise ValueError(f"{os.path.join(directory, INDEX)}: names {' and '.join(components) or 'no denoiser'}; "
+                         f"expected exactly one of {', '.join(factory.COMPONENTS)}")
+    component = components[0]
+    config_name = os.path.join(component, NETWORK_CONFIG)
+    network_fields = _read_json(directory, config_name)
     scheduler = _read_json(directory, SCHEDULER_CONFIG)
     defaults = {k: scheduler.pop(k) for k in SAMPLING_KEYS if k in scheduler}
     encoder, text_params = _load_text_encoder(directory, index.get("text_max_length"))
     try:
-        models = factory.models_from_components(unet_fields, encoder, scheduler)
+        models = factory.models_from_components(component, network_fields, encoder, scheduler)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{directory}: {' '.join(str(e).split())}") from None
-    if int(shape[2]) != models.unet.config.in_channels:
+    if int(shape[2]) != models.in_channels:
         raise ValueError(f"{os.path.join(directory, INDEX)}: image_shape {shape} has {shape[2]} channels, "
-                         f"{UNET_CONFIG} in_channels={models.unet.config.in_channels}")
-    params_path = os.path.join(directory, UNET_PARAMS)
+                         f"{config_name} in_channels={models.in_channels}")
+    params_name = os.path.join(component, NETWORK_PARAMS)
+    params_path = os.path.join(directory, params_name)
     if not os.path.isfile(params_path):
-        raise FileNotFoundError(f"{directory} is missing {UNET_PARAMS}: not a complete model folder")
+        raise FileNotFoundError(f"{directory} is missing {params_name}: not a complete model folder")
     try:
-        unet_params = _unflatten(load_file(params_path))
+        net_params = _unflatten(load_file(params_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{params_path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
     abstract = models.abstract_params()
-    check_params(unet_params, abstract["unet"], params_path, UNET_CONFIG)
+    check_params(net_params, abstract[component], params_path, config_name)
     check_params(text_params, abstract["text"], os.path.join(directory, TEXT_ENCODER, "model.safetensors"),
                  os.path.join(TEXT_ENCODER, "config.json"))
     target = place(abstract)
     params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
-                                    {"unet": unet_params, "text": text_params}, target)
+                                    {component: net_params, "text": text_params}, target)
     return models, params, tuple(shape), defaults

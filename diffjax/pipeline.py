@@ -44,11 +44,12 @@ Array = jax.Array
 
 
 class Text2Image:
-    """Text-to-image, image-to-image and inpainting with a trained diffjax U-Net and text encoder.
+    """Text-to-image, image-to-image and inpainting with a trained diffjax denoiser (U-Net or DiT) and text
+    encoder.
 
     Args:
-      models: ``diffjax.models.factory.Models`` (U-Net, text encoder, schedule and prediction type).
-      unet_params, text_params: the parameters to sample with (usually the EMA ones).
+      models: ``diffjax.models.factory.Models`` (denoiser, text encoder, schedule and prediction type).
+      denoiser_params, text_params: the parameters to sample with (usually the EMA ones).
       image_shape: (H, W, C) the model was trained at (the default output size).
       sampler, num_steps, guidance_scale, timestep_spacing: the defaults of every call.
       mesh: devices to shard each chunk's batch over (default: all devices on one ``data`` axis).
@@ -57,11 +58,11 @@ class Text2Image:
     :meth:`from_checkpoint` (a training run's workdir).
     """
 
-    def __init__(self, models: Models, unet_params: Any, text_params: Any, image_shape: Sequence[int], *,
+    def __init__(self, models: Models, denoiser_params: Any, text_params: Any, image_shape: Sequence[int], *,
                  sampler: str = "dpmpp_2m", num_steps: int = 25, guidance_scale: float = 3.0,
                  timestep_spacing: Optional[str] = None, mesh=None):
         self.models = models
-        self.unet_params, self.text_params = unet_params, text_params
+        self.denoiser_params, self.text_params = denoiser_params, text_params
         self.image_shape = tuple(int(d) for d in image_shape)
         self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
         self.timestep_spacing = timestep_spacing
@@ -73,10 +74,10 @@ class Text2Image:
     def prediction_type(self) -> str:
         return self.models.prediction_type
 
-    def with_params(self, unet_params: Any, text_params: Any) -> "Text2Image":
+    def with_params(self, denoiser_params: Any, text_params: Any) -> "Text2Image":
         """The same pipeline with other parameters (of the same shapes), sharing the compiled programs."""
         other = copy.copy(self)
-        other.unet_params, other.text_params = unet_params, text_params
+        other.denoiser_params, other.text_params = denoiser_params, text_params
         return other
 
     # ----------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class Text2Image:
         mesh = sharding.create_mesh(1) if mesh is None else mesh
         abstract = models.abstract_params()
         which = "ema_params" if use_ema else "params"
-        target = {which: {"unet": abstract["unet"]}}
+        target = {which: {models.component: abstract[models.component]}}
         if models.text_encoder.trainable:
             target[which]["text"] = abstract["text"]
         else:
@@ -117,7 +118,7 @@ class Text2Image:
         size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
         sc = config.sampling
         logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir, "EMA" if use_ema else "raw")
-        pipe = cls(models, params["unet"], text_params, (size, size, models.unet.config.in_channels),
+        pipe = cls(models, params[models.component], text_params, (size, size, models.in_channels),
                    sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
                    timestep_spacing=sc.timestep_spacing, mesh=mesh)
         pipe.config, pipe.step = config, step
@@ -137,7 +138,7 @@ class Text2Image:
 
         mesh = sharding.create_mesh(1) if mesh is None else mesh
         models, params, image_shape, defaults = model_folder.load(directory, lambda tree: _with_shardings(tree, mesh))
-        return cls(models, params["unet"], params["text"], image_shape, mesh=mesh, **defaults)
+        return cls(models, params[models.component], params["text"], image_shape, mesh=mesh, **defaults)
 
     # ----------------------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, negative_prompt: str = "", sampler: Optional[str] = None,
@@ -185,8 +186,8 @@ class Text2Image:
     # ----------------------------------------------------------------------------------------------
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this: the U-Net's total downsampling."""
-        return self.models.unet.config.downsample_factor
+        """Height and width must be multiples of this: the U-Net's total downsampling or the DiT's patch."""
+        return self.models.size_multiple
 
     def _num_steps(self, num_steps) -> int:
         """``num_steps`` (default: the pipeline's) as a positive int; a one-line ValueError otherwise."""
@@ -200,8 +201,8 @@ class Text2Image:
         h, w = int(height or h0), int(width or w0)
         factor = self.size_multiple
         if h < 1 or w < 1 or h % factor or w % factor:
-            raise ValueError(f"height={h}, width={w}: both must be positive multiples of {factor} (the U-Net "
-                             f"downsamples {factor}x)")
+            raise ValueError(f"height={h}, width={w}: both must be positive multiples of {factor} (the "
+                             f"{'DiT patch size' if self.models.name == 'dit' else 'U-Net downsampling'})")
         return h, w, c
 
     def _check_image(self, image, n: int, what: str) -> np.ndarray:
@@ -250,11 +251,15 @@ class Text2Image:
         models, opts = self.models, dict(options)
         if self.timestep_spacing and "timestep_spacing" not in opts:
             opts["timestep_spacing"] = self.timestep_spacing
+        # DDPM samples with a learned-variance network's own variance unless told otherwise.
+        learned = models.learns_variance and sampler == "ddpm" and opts.get("variance_type") in (None, "learned_range")
+        if learned:
+            opts["variance_type"] = "learned_range"
 
-        def run(unet_params, text_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale, x0, fill):
+        def run(denoiser_params, text_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale, x0, fill):
             encoder = models.text_encoder
             cond = encoder.encode(text_params, ids, mask, trainable=False)
-            denoiser = models.denoiser(unet_params)
+            denoiser = models.denoiser(denoiser_params, with_variance=learned)
             if guided:
                 b = ids.shape[0]
                 neg = encoder.encode(text_params, jnp.broadcast_to(neg_ids, (b,) + neg_ids.shape[1:]),
@@ -327,7 +332,7 @@ class Text2Image:
             args = [put(a[take], batch_sh) for a in (ids, mask)]
             args += [put(neg_ids, rep), put(neg_mask, rep), put(rows[take], batch_sh), seed_key,
                      jnp.float32(scale), put(x0[take], batch_sh), put(fill[take], batch_sh)]
-            x = fn(self.unet_params, self.text_params, *args)
+            x = fn(self.denoiser_params, self.text_params, *args)
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
 

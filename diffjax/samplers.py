@@ -227,8 +227,17 @@ def ddpm_step(schedule: NoiseSchedule, x_t: Array, model_output: Array, t, t_pre
         μ = √ᾱ_{t'} β / (1 - ᾱ_t) · x̂0 + √(ᾱ_t / ᾱ_{t'}) (1 - ᾱ_{t'}) / (1 - ᾱ_t) · x_t,
         x_{t'} = μ + s ε,   s² = (1 - ᾱ_{t'}) / (1 - ᾱ_t) β  ("fixed_small")  or  β  ("fixed_large"),
 
-    with no noise at t = 0 and ᾱ_{-1} = 1.
+    with no noise at t = 0 and ᾱ_{-1} = 1. With ``"learned_range"`` the model output has twice the channels of
+    x_t (a learned-variance network such as ``DiTConfig(learn_sigma=True)``): the prediction, then v ∈ [-1, 1]
+    with log s² = f log β + (1 - f) log β̃, f = (v + 1) / 2 (Nichol & Dhariwal 2021, eq. 15; diffusers'
+    ``variance_type="learned_range"``).
     """
+    if variance_type == "learned_range":
+        c = x_t.shape[-1]
+        if model_output.shape[-1] != 2 * c:
+            raise ValueError(f"variance_type 'learned_range' needs a model output of {2 * c} channels (prediction "
+                             f"and variance), got {model_output.shape[-1]}")
+        model_output, v = model_output[..., :c], model_output[..., c:]
     ab = schedule.alphas_cumprod
     ab_t = ab[t]
     ab_prev = jnp.where(t_prev >= 0, ab[jnp.maximum(t_prev, 0)], 1.0)
@@ -237,12 +246,17 @@ def ddpm_step(schedule: NoiseSchedule, x_t: Array, model_output: Array, t, t_pre
     x0 = sch.x0_from_prediction(model_output, x_t, jnp.sqrt(ab_t), jnp.sqrt(1.0 - ab_t), prediction_type)
     x0 = _denoise(x0, denoised_fn)
     mean = (jnp.sqrt(ab_prev) * beta / (1.0 - ab_t)) * x0 + (jnp.sqrt(alpha) * (1.0 - ab_prev) / (1.0 - ab_t)) * x_t
+    small = jnp.maximum((1.0 - ab_prev) / (1.0 - ab_t) * beta, 1e-20)
     if variance_type == "fixed_small":
-        var = jnp.maximum((1.0 - ab_prev) / (1.0 - ab_t) * beta, 1e-20)
+        var = small
     elif variance_type == "fixed_large":
         var = beta
+    elif variance_type == "learned_range":
+        frac = (v + 1.0) / 2.0
+        var = jnp.exp(frac * jnp.log(beta) + (1.0 - frac) * jnp.log(small))
     else:
-        raise ValueError(f"unknown variance_type {variance_type!r}; expected 'fixed_small' or 'fixed_large'")
+        raise ValueError(f"unknown variance_type {variance_type!r}; expected 'fixed_small', 'fixed_large' or "
+                         f"'learned_range'")
     return mean + jnp.where(t > 0, jnp.sqrt(var), 0.0) * noise
 
 

@@ -39,7 +39,7 @@ Array = jax.Array
 @flax.struct.dataclass
 class TrainState:
     step: Array  # int32 scalar
-    params: Any  # {"unet": ..., "text": ... (when the text encoder is trained)}: what the optimizer updates
+    params: Any  # {"unet" | "transformer": ..., "text": ... (when the text encoder is trained)}: what the optimizer updates
     ema_params: Any  # exponential moving average of ``params``
     opt_state: Any
     rng: Array  # uint32[2] key
@@ -91,7 +91,7 @@ def init_state(models: Models, image_shape: tuple[int, int, int], text_params: A
                tx: optax.GradientTransformation, rng: Array) -> TrainState:
     """A fresh TrainState (pure: jit it with out_shardings to create it sharded)."""
     init_rng, state_rng = jax.random.split(rng)
-    params = {"unet": models.init_unet(init_rng, image_shape)}
+    params = {models.component: models.init_network(init_rng, image_shape)}
     frozen = {}
     if models.text_encoder.trainable:
         params["text"] = text_params
@@ -191,9 +191,10 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
         def loss_fn(params):
             text_params = params["text"] if "text" in params else state.frozen["text"]
             cond = encoder.encode(text_params, ids, mask, trainable=encoder.trainable)
-            model_fn = models.denoiser(params["unet"], train=True, dropout_rng=dropout_key)
+            model_fn = models.denoiser(params[models.component], train=True, dropout_rng=dropout_key,
+                                       with_variance=True)
             out = losses.diffusion_loss(step_key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
-                                        **_loss_options(dc))
+                                        learned_variance=models.learns_variance, **_loss_options(dc))
             return out.loss, out
 
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -229,9 +230,9 @@ def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callabl
                                               models.schedule.num_timesteps, 0.0)
         cond = models.text_encoder.encode(state.text_params(ema=True), batch["token_ids"], batch["mask"],
                                           trainable=False)
-        model_fn = models.denoiser(state.ema_params["unet"])
+        model_fn = models.denoiser(state.ema_params[models.component], with_variance=True)
         return losses.diffusion_loss(key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
-                                     **_loss_options(dc)).loss
+                                     learned_variance=models.learns_variance, **_loss_options(dc)).loss
 
     return eval_step
 

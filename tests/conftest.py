@@ -3,12 +3,27 @@ runner for the command line, and fake Fashion-MNIST files. Stand-ins for models 
 tests/train_worker.py (a subprocess) imports too."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
-import pytest
+# JAX's persistent compilation cache, shared by this process and every subprocess it starts (they inherit the
+# environment): the many command-line runs of the tiny config compile its programs once per session instead of
+# once per process. A fresh directory per session, so that no run depends on an earlier one; set
+# JAX_COMPILATION_CACHE_DIR to keep one across sessions. (Set before jax is imported: jax reads it then.)
+_OWN_CACHE = None
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffjax-test-xla-cache-")
 
-from fakes import write_fake_fashion_mnist
+import pytest  # noqa: E402
+
+from fakes import write_fake_fashion_mnist  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "train_worker.py")

@@ -53,9 +53,9 @@ def random_text2image(mesh=None):
 
     config = tiny_config()
     models, text_params = build_models(config)
-    unet_params = models.init_unet(jax.random.PRNGKey(0), (8, 8))
+    net_params = models.init_network(jax.random.PRNGKey(0), (8, 8))
     sc = config.sampling
-    return Text2Image(models, perturbed(unet_params), perturbed(text_params, seed=1), (8, 8, 1),
+    return Text2Image(models, perturbed(net_params), perturbed(text_params, seed=1), (8, 8, 1),
                       sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
                       timestep_spacing=sc.timestep_spacing, mesh=mesh)
 

@@ -176,3 +176,72 @@ def test_clip_and_dynamic_threshold():
     assert float(jnp.max(jnp.abs(out))) <= 1.0 + 1e-6
     capped = guidance.dynamic_threshold(x0, percentile=0.9, max_value=1.5)  # s capped at max_value
     np.testing.assert_allclose(capped[0], np.clip(np.asarray(x0[0]), -1.5, 1.5) / 1.5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Learned variance: the hybrid objective (Nichol & Dhariwal 2021) and its guidance.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_vlb_term_closed_forms():
+    t = jnp.array([0, 1, 10, 200, 500, 999])
+    noise = jax.random.normal(jax.random.key(3), X0.shape)
+    x_t = schedules.q_sample(SCHED, X0, t, noise)
+    # The true mean and the true (clipped) posterior variance, f = 0 (v = -1): every KL term is zero.
+    vlb = losses.vlb_term(SCHED, X0, x_t, t, X0, -jnp.ones_like(X0))
+    np.testing.assert_allclose(vlb[1:], 0.0, atol=1e-6)
+    # The true mean with another variance: KL = ½ (Δ - 1 + e^{-Δ}) / ln 2 per dimension, Δ the log-variance gap.
+    v = jnp.full_like(X0, 0.4)
+    vlb = losses.vlb_term(SCHED, X0, x_t, t, X0, v)
+    _, _, min_log = schedules.q_posterior(SCHED, X0, x_t, t)
+    max_log = jnp.log(SCHED.betas[t]).reshape(-1, 1, 1, 1)
+    delta = (0.7 * max_log + 0.3 * min_log - min_log)[:, 0, 0, 0]
+    np.testing.assert_allclose(vlb[1:], (0.5 * (delta - 1 + jnp.exp(-delta)) / np.log(2))[1:], rtol=1e-4, atol=1e-6)
+    # At t = 0 the term is the discretised decoder NLL, positive.
+    mean0, _, _ = schedules.q_posterior(SCHED, X0[:1], x_t[:1], t[:1])  # x0 up to the rounding of β_0 / (1 - ᾱ_0)
+    log_scale = 0.5 * (0.7 * max_log[:1] + 0.3 * min_log[:1])
+    nll = -jnp.mean(losses.discretized_gaussian_log_likelihood(X0[:1], mean0, log_scale)) / np.log(2)
+    np.testing.assert_allclose(vlb[0], nll, rtol=1e-5)
+    assert float(vlb[0]) > 0
+
+
+def test_discretized_gaussian_likelihood_sums_to_one_over_the_256_values():
+    values = jnp.linspace(-1.0, 1.0, 256)
+    for mean, log_scale in ((0.1, -2.0), (-0.95, -4.0), (0.5, 0.3)):
+        p = jnp.exp(losses.discretized_gaussian_log_likelihood(values, jnp.float32(mean), jnp.float32(log_scale)))
+        np.testing.assert_allclose(float(jnp.sum(p)), 1.0, rtol=1e-5)
+
+
+def test_hybrid_loss_trains_the_variance_only_through_the_vlb_term():
+    t = jnp.array([0, 10, 200, 500, 900, 999])
+    noise = jax.random.normal(jax.random.key(2), X0.shape)
+
+    def loss(params, learned):
+        def model_fn(x_t, t_, cond):
+            pred = params["pred"] * x_t
+            return jnp.concatenate([pred, jnp.broadcast_to(params["v"], x_t.shape)], -1) if learned else pred
+
+        return losses.diffusion_loss(jax.random.key(1), model_fn, SCHED, X0, t=t, noise=noise,
+                                     learned_variance=learned).loss
+
+    params = {"pred": jnp.float32(0.3), "v": jnp.float32(0.2)}
+    g_hybrid = jax.grad(loss)(params, True)
+    g_simple = jax.grad(loss)(params, False)
+    np.testing.assert_allclose(g_hybrid["pred"], g_simple["pred"], rtol=1e-6)  # stop-gradient on the mean
+    assert abs(float(g_hybrid["v"])) > 0 and float(g_simple["v"]) == 0
+    out = losses.diffusion_loss(jax.random.key(1), lambda x, t_, c: jnp.concatenate([x, x], -1), SCHED, X0, t=t,
+                                noise=noise, learned_variance=True)
+    np.testing.assert_allclose(out.loss, jnp.mean(out.weights * out.mse + out.vlb), rtol=1e-6)  # T/1000 = 1
+    with pytest.raises(ValueError, match=r"a learned-variance model must output \(6, 4, 4, 6\)"):
+        losses.diffusion_loss(jax.random.key(1), lambda x, t_, c: x, SCHED, X0, learned_variance=True)
+
+
+def test_guidance_of_a_learned_variance_output_guides_the_prediction_channels_only():
+    def denoiser(x, t, cond):
+        return jnp.concatenate([x + cond, 2 * x - cond], -1)
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 2))
+    cond, uncond = jnp.full((2, 1, 1, 1), 1.0), jnp.zeros((2, 1, 1, 1))
+    out = guidance.classifier_free_guidance(denoiser, cond, uncond, 4.0)(x, jnp.zeros(2))
+    np.testing.assert_allclose(out[..., :2], x + 4.0, rtol=1e-6)  # uncond + 4 (cond - uncond)
+    np.testing.assert_allclose(out[..., 2:], 2 * x - 1.0, rtol=1e-6)  # the conditional model's variance

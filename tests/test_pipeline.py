@@ -46,7 +46,7 @@ def test_guidance_scale_one_is_the_conditional_model(pipe):
     enc, models = pipe.models.text_encoder, pipe.models
     cond = enc.encode(pipe.text_params, *enc.tokenize(PROMPTS))
     neg = enc.encode(pipe.text_params, *enc.tokenize(["a shirt"] * 4))
-    denoiser = models.denoiser(pipe.unet_params)
+    denoiser = models.denoiser(pipe.denoiser_params)
     x_T = _initial_noise(0, 4, pipe.image_shape)
 
     def run(model):

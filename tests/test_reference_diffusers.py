@@ -105,12 +105,15 @@ def test_timestep_spacings_match_diffusers(spacing):
             np.testing.assert_array_equal(ts, dpm.timesteps.numpy())
 
 
-def _run_ddpm_reference(s, theirs, pt, spacing, n, variance_type, clip, rng, net):
+def _run_ddpm_reference(s, theirs, pt, spacing, n, variance_type, clip, rng, net, nchw=False):
+    """diffusers' DDPMScheduler loop with diffjax's x_T and step noise; ``nchw``: the state and ``net`` in NCHW
+    (diffusers splits a learned variance off axis 1), the result back in NHWC."""
     ref = _diffusers(diffusers.DDPMScheduler, s, theirs, pt, timestep_spacing=spacing, clip_sample=clip,
                      variance_type=variance_type)
     ref.set_timesteps(n)
-    x = torch.from_numpy(np.asarray(_x_T()))
-    noises = iter([torch.from_numpy(np.asarray(samplers.step_noise(rng, i, SHAPE))) for i in range(n)])
+    layout = (lambda a: a.permute(0, 3, 1, 2)) if nchw else (lambda a: a)
+    x = layout(torch.from_numpy(np.array(_x_T())))
+    noises = iter([layout(torch.from_numpy(np.array(samplers.step_noise(rng, i, SHAPE)))) for i in range(n)])
     import diffusers.schedulers.scheduling_ddpm as mod
 
     orig = mod.randn_tensor
@@ -120,7 +123,7 @@ def _run_ddpm_reference(s, theirs, pt, spacing, n, variance_type, clip, rng, net
             x = ref.step(net(x, t), t, x).prev_sample
     finally:
         mod.randn_tensor = orig
-    return x
+    return x.permute(0, 2, 3, 1) if nchw else x
 
 
 @pytest.mark.parametrize("ours,theirs,pt", [SCHEDULES[0] + ("eps",), SCHEDULES[1] + ("v",), SCHEDULES[2] + ("eps",)])
@@ -131,6 +134,27 @@ def test_ddpm_matches(ours, theirs, pt):
         out = samplers.sample(net_jax, _x_T(), s, "ddpm", n, rng=rng, prediction_type=pt,
                               timestep_spacing=spacing, variance_type=variance_type)
         _close(out, ref)
+
+
+def test_ddpm_learned_range_variance_matches():
+    """A learned-variance network (prediction and v ∈ [-1, 1], twice the channels): diffusers' DDPMScheduler
+    with variance_type="learned_range" splits the channels on axis 1, so it runs on NCHW transposes."""
+    s, rng, n = _schedule("linear"), jax.random.key(5), 20
+
+    def var_jax(x, t):
+        return jnp.concatenate([net_jax(x, t), jnp.tanh(0.7 * x + t.reshape(-1, 1, 1, 1) / 500.0 - 1.0)], -1)
+
+    def var_torch_nchw(x, t):
+        nhwc = x.permute(0, 2, 3, 1)
+        v = torch.tanh(0.7 * nhwc + float(t) / 500.0 - 1.0)
+        return torch.cat([net_torch(nhwc, t), v], -1).permute(0, 3, 1, 2)
+
+    ref = _run_ddpm_reference(s, "linear", "eps", "leading", n, "learned_range", False, rng, var_torch_nchw, nchw=True)
+    out = samplers.sample(var_jax, _x_T(), s, "ddpm", n, rng=rng, timestep_spacing="leading",
+                          variance_type="learned_range")
+    _close(out, ref)
+    fixed = samplers.sample(net_jax, _x_T(), s, "ddpm", n, rng=rng, timestep_spacing="leading")
+    assert float(jnp.abs(out - fixed).max()) > 1e-2  # the learned variance is really used
 
 
 def test_ddpm_x0_prediction_with_clipping_matches():

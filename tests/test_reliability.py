@@ -376,7 +376,7 @@ def test_from_checkpoint_with_a_frozen_text_encoder_reads_its_parameters(tmp_pat
     ckpt.close()
     for use_ema, unet in ((True, state.ema_params["unet"]), (False, state.params["unet"])):
         pipe = Text2Image.from_checkpoint(str(tmp_path), use_ema=use_ema)
-        np.testing.assert_array_equal(flat(pipe.unet_params), flat(unet))
+        np.testing.assert_array_equal(flat(pipe.denoiser_params), flat(unet))
         np.testing.assert_array_equal(flat(pipe.text_params), flat(state.frozen["text"]))
 
 

@@ -123,7 +123,8 @@ def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path, r
         assert not (tmp_path / d / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("name", ["tiny", "fashion_mnist", "fashion_mnist_long", "cifar10", "text_to_image_folder"])
+@pytest.mark.parametrize("name", ["tiny", "fashion_mnist", "fashion_mnist_long", "fashion_mnist_dit", "cifar10",
+                                  "text_to_image_folder"])
 def test_experiment_configs_are_valid(name):
     import importlib
 

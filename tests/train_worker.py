@@ -1,7 +1,7 @@
 """Runs a few training steps (or a generation) on simulated devices or processes; launched by
 tests/test_train.py and tests/test_pipeline.py.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py layouts OUT.npz
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py layouts OUT.npz [dit]
     python tests/train_worker.py process I N PORT OUT.npz      (one of N gloo processes, 2 devices each)
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py generate OUT.npz
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py export DIR
@@ -44,14 +44,21 @@ def run_mesh(config, mesh, local_slice=slice(None), trainer=None):
     return trainer, state, float(metrics["loss"])
 
 
-def layouts(out_path):
+def layouts(out_path, model="unet"):
+    """The tiny config (its U-Net, or with ``model="dit"`` its DiT) trained on one device, 8 devices and
+    data 4 x fsdp 2; for the U-Net also under pmap, and checkpointed on one mesh and restored onto others."""
     from jax.experimental import multihost_utils  # noqa: F401
 
     from diffjax import sharding
     from diffjax.checkpoints import Checkpointer
     from diffjax.train import make_train_step
 
-    config = tiny_config()
+    def config_of(fsdp=1):
+        config = tiny_config()
+        config.model.name, config.sharding.fsdp = model, fsdp
+        return config
+
+    config = config_of()
     devs = jax.devices()
     assert len(devs) == 8, devs
     results = {}
@@ -59,14 +66,15 @@ def layouts(out_path):
     results["one_device"] = flat(s1.params)
     t8, s8, l8 = run_mesh(config, sharding.create_mesh(1, devs))
     results["data8"] = flat(s8.params)
-    config_fsdp = tiny_config()
-    config_fsdp.sharding.fsdp = 2
-    t42, s42, _ = run_mesh(config_fsdp, sharding.create_mesh(2, devs))
+    t42, s42, _ = run_mesh(config_of(fsdp=2), sharding.create_mesh(2, devs))
     results["data4_fsdp2"] = flat(s42.params)
     # Some parameters must really be split over the fsdp axis.
     specs = [leaf.sharding.spec for leaf in jax.tree_util.tree_leaves(s42.params)]
     results["fsdp_sharded_leaves"] = np.array(sum(sharding.FSDP in tuple(s) for s in specs))
     results["losses"] = np.array([l1, l8])
+    if model != "unet":
+        np.savez(out_path, **results)
+        return
 
     # pmap over the 8 devices: the same pure step with axis_name, per-device batch slices.
     step = jax.pmap(make_train_step(config, t1.models, t1.tx, t1.lr_schedule, *t1.uncond, axis_name="batch"),
@@ -172,7 +180,7 @@ def load_exported(directory):
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if sys.argv[1] == "layouts":
-        layouts(sys.argv[2])
+        layouts(*sys.argv[2:])
     elif sys.argv[1] == "generate":
         generate(sys.argv[2])
     elif sys.argv[1] == "export":

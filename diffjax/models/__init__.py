@@ -1,5 +1,6 @@
-"""Denoiser networks."""
+"""Denoiser networks: the U-Net and the Diffusion Transformer."""
 
+from diffjax.models.dit import DIT_PRESETS, DiT, DiTConfig, dit_preset
 from diffjax.models.unet import (
     PRESETS,
     UNet,
@@ -11,6 +12,10 @@ from diffjax.models.unet import (
 )
 
 __all__ = [
+    "DIT_PRESETS",
+    "DiT",
+    "DiTConfig",
+    "dit_preset",
     "PRESETS",
     "UNet",
     "UNetConfig",

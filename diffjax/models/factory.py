@@ -1,12 +1,18 @@
 """The one place where a config becomes networks: denoiser, text encoder, noise schedule, ``model_fn``.
 
+The denoiser is a U-Net (``diffjax.models.unet``) or a Diffusion Transformer (``diffjax.models.dit``), chosen
+by ``config.model.name``; both have the same call signature, so nothing downstream depends on which. Its
+parameters live under the name of its component, as in diffusers' pipelines: ``"unet"`` or ``"transformer"``
+(:data:`COMPONENTS`), beside the text encoder's ``"text"``.
+
 Two kinds of config describe the same model:
 
 * an experiment's ``ml_collections`` config (``config.model``, ``config.text``, ``config.diffusion``), read by
   :func:`build_models` for training, evaluation and sampling from a training checkpoint;
-* the component configs of a saved model folder (``unet/config.json``: every :class:`UNetConfig` field;
-  ``scheduler/scheduler_config.json``: :class:`SchedulerConfig`; ``text_encoder/``: a transformers
-  directory), read by :func:`models_from_components`, with no experiment config at all.
+* the component configs of a saved model folder (``unet/config.json``: every :class:`UNetConfig` field, or
+  ``transformer/config.json``: every :class:`DiTConfig` field; ``scheduler/scheduler_config.json``:
+  :class:`SchedulerConfig`; ``text_encoder/``: a transformers directory), read by
+  :func:`models_from_components`, with no experiment config at all.
 
 Both give a :class:`Models`, whose :meth:`Models.denoiser` is the adapter that every loss, sampler and
 guidance function calls, ``model_fn(x_t, t, cond) -> prediction`` with ``cond`` a ``text.TextEncoding``
@@ -23,12 +29,17 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import schedules as sch
+from diffjax.models.dit import DiT, DiTConfig
 from diffjax.models.unet import UNet, UNetConfig
 from diffjax.text import TextEncoder
 
 Array = jax.Array
 
-# The UNetConfig fields that the text encoder fills in (an experiment config leaves them None).
+# config.model.name → (network class, its config class, the component: folder and parameter name).
+NETWORKS = {"unet": (UNet, UNetConfig, "unet"), "dit": (DiT, DiTConfig, "transformer")}
+COMPONENTS = {component: name for name, (_, _, component) in NETWORKS.items()}
+
+# The network config fields that the text encoder fills in (an experiment config leaves them None).
 _TEXT_FIELDS = ("context_dim", "pooled_dim")
 
 
@@ -54,9 +65,11 @@ class SchedulerConfig:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Models:
-    """The networks and the schedule of a text-to-image diffusion model (parameters live outside)."""
+    """The networks and the schedule of a text-to-image diffusion model (parameters live outside).
 
-    unet: UNet
+    ``network`` is a :class:`UNet` or a :class:`DiT`; its parameters are ``params[models.component]``."""
+
+    network: UNet | DiT
     text_encoder: TextEncoder
     scheduler: SchedulerConfig
     schedule: sch.NoiseSchedule = dataclasses.field(init=False)  # built here, never inside a trace
@@ -65,39 +78,72 @@ class Models:
         object.__setattr__(self, "schedule", self.scheduler.build())
 
     @property
+    def name(self) -> str:
+        """``config.model.name`` of the network: ``"unet"`` or ``"dit"``."""
+        return "dit" if isinstance(self.network, DiT) else "unet"
+
+    @property
+    def component(self) -> str:
+        """The network's component name: its parameters' key and its model-folder directory."""
+        return NETWORKS[self.name][2]
+
+    @property
+    def network_config(self) -> UNetConfig | DiTConfig:
+        return self.network.config
+
+    @property
     def prediction_type(self) -> str:
         return self.scheduler.prediction_type
 
     @property
+    def in_channels(self) -> int:
+        return self.network.config.in_channels
+
+    @property
+    def size_multiple(self) -> int:
+        """Image height and width must be multiples of this (the U-Net's downsampling, the DiT's patch)."""
+        return self.network.config.size_multiple
+
+    @property
+    def learns_variance(self) -> bool:
+        """Whether the network also outputs its reverse-process variance (``DiTConfig.learn_sigma``)."""
+        return bool(getattr(self.network.config, "learn_sigma", False))
+
+    @property
     def use_pooled(self) -> bool:
         """Whether the pooled text embedding is added to the timestep embedding."""
-        return self.unet.config.pooled_dim is not None
+        return self.network.config.pooled_dim is not None
 
-    def denoiser(self, unet_params, train: bool = False, dropout_rng: Optional[Array] = None):
-        """``model_fn(x_t, t, cond)`` for losses/guidance/samplers, with cond a ``text.TextEncoding``."""
+    def denoiser(self, params, train: bool = False, dropout_rng: Optional[Array] = None,
+                 with_variance: bool = False):
+        """``model_fn(x_t, t, cond)`` for losses/guidance/samplers, with cond a ``text.TextEncoding`` and
+        ``params`` the network's (``params[self.component]``). A learned-variance network's variance channels
+        are dropped unless ``with_variance`` (for its training loss and DDPM's ``learned_range`` variance)."""
         rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
+        keep = None if (with_variance or not self.learns_variance) else self.network.config.prediction_channels
 
         def model_fn(x_t, t, cond):
-            return self.unet.apply({"params": unet_params}, x_t, t, cond.hidden_states, cond.mask,
-                                   pooled=cond.pooled if self.use_pooled else None, train=train, rngs=rngs)
+            out = self.network.apply({"params": params}, x_t, t, cond.hidden_states, cond.mask,
+                                     pooled=cond.pooled if self.use_pooled else None, train=train, rngs=rngs)
+            return out if keep is None else out[..., :keep]
 
         return model_fn
 
-    def init_unet(self, rng: Array, image_shape=(32, 32)) -> Any:
-        """Fresh U-Net parameters (they do not depend on the spatial size; ``image_shape[:2]`` is only the
-        size of the dummy input)."""
+    def init_network(self, rng: Array, image_shape=(32, 32)) -> Any:
+        """Fresh network parameters (the U-Net's do not depend on the spatial size, nor do the DiT's: its
+        position embeddings are computed, not learned; ``image_shape[:2]`` is only the dummy input's size)."""
         h, w = tuple(image_shape)[:2]
-        x = jnp.zeros((1, h, w, self.unet.config.in_channels), jnp.float32)
+        x = jnp.zeros((1, h, w, self.in_channels), jnp.float32)
         d, length = self.text_encoder.hidden_size, self.text_encoder.max_length
-        return self.unet.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), jnp.zeros((1, length, d)),
-                              jnp.ones((1, length), bool), pooled=jnp.zeros((1, d)) if self.use_pooled else None
-                              )["params"]
+        return self.network.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), jnp.zeros((1, length, d)),
+                                 jnp.ones((1, length), bool),
+                                 pooled=jnp.zeros((1, d)) if self.use_pooled else None)["params"]
 
     def abstract_params(self) -> dict:
-        """``{"unet": ..., "text": ...}`` as ``jax.ShapeDtypeStruct`` trees (nothing is computed)."""
-        size = self.unet.config.downsample_factor
-        return jax.eval_shape(lambda k: {"unet": self.init_unet(k, (size, size)), "text": self.text_encoder.init(k)},
-                              jax.random.PRNGKey(0))
+        """``{component: ..., "text": ...}`` as ``jax.ShapeDtypeStruct`` trees (nothing is computed)."""
+        size = self.size_multiple
+        return jax.eval_shape(lambda k: {self.component: self.init_network(k, (size, size)),
+                                         "text": self.text_encoder.init(k)}, jax.random.PRNGKey(0))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -105,30 +151,41 @@ class Models:
 # ------------------------------------------------------------------------------------------------------
 
 
-def unet_config_fields(preset: str = "small", **overrides) -> dict:
-    """Every UNetConfig field of a preset with overrides, and the preset's name, as a plain dict: what an
-    experiment config holds under ``config.model.unet`` (each field overridable on the command line).
-    ``context_dim`` and ``pooled_dim`` stay None unless given: the text encoder fills them in."""
-    fields = dataclasses.asdict(UNetConfig.preset(preset, **overrides))
+def network_config_fields(name: str = "unet", preset: Optional[str] = None, **overrides) -> dict:
+    """Every field of network ``name``'s config class for a preset (default: ``"small"`` for the U-Net,
+    ``"fashion_mnist"`` for the DiT) with overrides, and the preset's name, as a plain dict: what an experiment
+    config holds under ``config.model.unet`` / ``config.model.dit`` (each field overridable on the command
+    line). ``context_dim`` and ``pooled_dim`` stay None unless given: the text encoder fills them in."""
+    _, cls, _ = _network(name)
+    preset = preset or {"unet": "small", "dit": "fashion_mnist"}[name]
+    fields = dataclasses.asdict(cls.preset(preset, **overrides))
     for key in _TEXT_FIELDS:
         fields[key] = overrides.get(key)
     return {"preset": preset, **fields}
 
 
-def unet_config(fields, text_hidden_size: int, use_pooled: bool) -> UNetConfig:
-    """The :class:`UNetConfig` of ``config.model.unet`` (see :func:`unet_config_fields`) for a text encoder of
-    width ``text_hidden_size``: cross-attention on its states, and its pooled embedding when ``use_pooled``."""
+def _network(name: str):
+    if name not in NETWORKS:
+        raise ValueError(f"config.model.name={name!r}: expected one of {', '.join(NETWORKS)}")
+    return NETWORKS[name]
+
+
+def network_config(name: str, fields, text_hidden_size: int, use_pooled: bool) -> UNetConfig | DiTConfig:
+    """The config of network ``name`` (``"unet"``: :class:`UNetConfig`, ``"dit"``: :class:`DiTConfig`) from its
+    section of ``config.model`` (see :func:`network_config_fields`), for a text encoder of width
+    ``text_hidden_size``: cross-attention on its states, and its pooled embedding when ``use_pooled``."""
+    _, cls, _ = _network(name)
     fields = {k: v for k, v in dict(fields).items() if k != "preset"}
     context_dim = fields.get("context_dim") or text_hidden_size
     if context_dim != text_hidden_size:
-        raise ValueError(f"config.model.unet.context_dim={context_dim} does not match the text encoder's "
+        raise ValueError(f"config.model.{name}.context_dim={context_dim} does not match the text encoder's "
                          f"hidden size {text_hidden_size}")
     fields.update(context_dim=context_dim, pooled_dim=text_hidden_size if use_pooled else None)
-    known = {f.name for f in dataclasses.fields(UNetConfig)}
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"config.model.unet: unknown field(s) {', '.join(unknown)}")
-    return UNetConfig(**fields)
+        raise ValueError(f"config.model.{name}: unknown field(s) {', '.join(unknown)}")
+    return cls(**fields)
 
 
 def text_encoder(text_config, seed: int = 0, with_params: bool = True) -> tuple[TextEncoder, Optional[dict]]:
@@ -151,9 +208,11 @@ def scheduler_config(diffusion_config) -> SchedulerConfig:
 
 def build_models(config, with_text_params: bool = True) -> tuple[Models, Optional[dict]]:
     """(Models, text encoder parameters) from ``config.model``, ``config.text`` and ``config.diffusion``."""
+    name = config.model.get("name", "unet")
+    net_cls, _, _ = _network(name)
     encoder, text_params = text_encoder(config.text, seed=config.seed, with_params=with_text_params)
-    ucfg = unet_config(config.model.unet, encoder.hidden_size, bool(config.model.use_pooled_text))
-    return Models(UNet(ucfg), encoder, scheduler_config(config.diffusion)), text_params
+    ncfg = network_config(name, config.model[name], encoder.hidden_size, bool(config.model.use_pooled_text))
+    return Models(net_cls(ncfg), encoder, scheduler_config(config.diffusion)), text_params
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -161,22 +220,28 @@ def build_models(config, with_text_params: bool = True) -> tuple[Models, Optiona
 # ------------------------------------------------------------------------------------------------------
 
 
-def models_from_components(unet_fields: dict, encoder: TextEncoder, scheduler_fields: dict) -> Models:
-    """Models from the JSON dicts of ``unet/config.json`` and ``scheduler/scheduler_config.json`` and a loaded
-    text encoder. A field that is not one of the config class's raises a one-line ValueError."""
-    for what, cls, fields in (("unet/config.json", UNetConfig, unet_fields),
+def models_from_components(component: str, network_fields: dict, encoder: TextEncoder,
+                           scheduler_fields: dict) -> Models:
+    """Models from the JSON dicts of ``COMPONENT/config.json`` (``component``: ``"unet"`` or ``"transformer"``)
+    and ``scheduler/scheduler_config.json`` and a loaded text encoder. A field that is not one of the config
+    class's raises a one-line ValueError."""
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown denoiser component {component!r}; expected one of {', '.join(COMPONENTS)}")
+    net_cls, cfg_cls, _ = NETWORKS[COMPONENTS[component]]
+    for what, cls, fields in ((f"{component}/config.json", cfg_cls, network_fields),
                               ("scheduler/scheduler_config.json", SchedulerConfig, scheduler_fields)):
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{what}: unknown field(s) {', '.join(unknown)}")
-    ucfg = UNetConfig(**unet_fields)
-    if ucfg.context_dim != encoder.hidden_size:
-        raise ValueError(f"unet/config.json: context_dim={ucfg.context_dim} does not match the text encoder's "
-                         f"hidden size {encoder.hidden_size}")
-    return Models(UNet(ucfg), encoder, SchedulerConfig(**scheduler_fields))
+    ncfg = cfg_cls(**network_fields)
+    if ncfg.context_dim != encoder.hidden_size:
+        raise ValueError(f"{component}/config.json: context_dim={ncfg.context_dim} does not match the text "
+                         f"encoder's hidden size {encoder.hidden_size}")
+    return Models(net_cls(ncfg), encoder, SchedulerConfig(**scheduler_fields))
 
 
 def component_configs(models: Models) -> dict:
-    """The JSON-serialisable component configs: ``{"unet": ..., "scheduler": ...}`` (the text encoder writes
-    its own, transformers' ``config.json``)."""
-    return {"unet": dataclasses.asdict(models.unet.config), "scheduler": dataclasses.asdict(models.scheduler)}
+    """The JSON-serialisable component configs: ``{models.component: ..., "scheduler": ...}`` (the text encoder
+    writes its own, transformers' ``config.json``)."""
+    return {models.component: dataclasses.asdict(models.network_config),
+            "scheduler": dataclasses.asdict(models.scheduler)}

@@ -57,9 +57,9 @@ __all__ = [
 Array = jax.Array
 
 _ATTENTION_TYPES = ("transformer", "self")
-_ATTENTION_IMPLS = (None, "dpa", "xla", "cudnn", "einsum")
-_CONV_IMPLS = (None, "xla", "banded")
-_REMAT_POLICIES = (
+ATTENTION_IMPLS = (None, "dpa", "xla", "cudnn", "einsum")
+CONV_IMPLS = (None, "xla", "banded")
+REMAT_POLICIES = (
     "everything_saveable",
     "nothing_saveable",
     "dots_saveable",
@@ -74,7 +74,7 @@ _REMAT_POLICIES = (
 # --------------------------------------------------------------------------------------------------
 
 
-def _canonical_dtype(value: Any, field: str) -> str:
+def canonical_dtype(value: Any, field: str) -> str:
     try:
         name = jnp.dtype(value).name
     except TypeError as e:
@@ -84,8 +84,30 @@ def _canonical_dtype(value: Any, field: str) -> str:
     return name
 
 
+class PresetConfig:
+    """What the network configs share (``UNetConfig``, ``DiTConfig``, ``VAEConfig``): named presets, a dict of
+    field overrides per name (``_PRESETS`` of the class's module, ``_KIND`` naming it in errors), and ``replace``."""
+
+    _KIND = "network"
+
+    @classmethod
+    def _presets(cls) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def preset(cls, name: str, **overrides):
+        """The named preset, with optional field overrides; an unknown name raises ValueError listing the valid ones."""
+        presets = cls._presets()
+        if name not in presets:
+            raise ValueError(f"unknown {cls._KIND} preset {name!r}; valid presets: {', '.join(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(PresetConfig):
     """Architecture of :class:`UNet`. All fields are plain Python values (hashable, serialisable).
 
     Attributes:
@@ -165,8 +187,8 @@ class UNetConfig:
         # Normalise sequences to tuples and dtypes to names so that the config stays hashable.
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "attention_levels", tuple(sorted({int(a) for a in self.attention_levels})))
-        object.__setattr__(self, "dtype", _canonical_dtype(self.dtype, "dtype"))
-        object.__setattr__(self, "param_dtype", _canonical_dtype(self.param_dtype, "param_dtype"))
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, "dtype"))
+        object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype, "param_dtype"))
         self._validate()
 
     # -- derived sizes ------------------------------------------------------------------------------
@@ -178,6 +200,11 @@ class UNetConfig:
     def downsample_factor(self) -> int:
         """H and W must be divisible by this: ``2 ** (num_levels - 1)``."""
         return 2 ** (self.num_levels - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """H and W must be multiples of this (the name every denoiser config shares): the downsampling."""
+        return self.downsample_factor
 
     @property
     def output_channels(self) -> int:
@@ -242,23 +269,19 @@ class UNetConfig:
             c = self.level_channels(level)
             if c % self.norm_groups:
                 fail(f"norm_groups {self.norm_groups} does not divide the {c} channels of level {level}")
-        if self.remat_policy is not None and self.remat_policy not in _REMAT_POLICIES:
-            fail(f"remat_policy {self.remat_policy!r} not one of {_REMAT_POLICIES}")
-        if self.attention_impl not in _ATTENTION_IMPLS:
-            fail(f"attention_impl {self.attention_impl!r} not one of {_ATTENTION_IMPLS}")
-        if self.conv_impl not in _CONV_IMPLS:
-            fail(f"conv_impl {self.conv_impl!r} not one of {_CONV_IMPLS}")
+        if self.remat_policy is not None and self.remat_policy not in REMAT_POLICIES:
+            fail(f"remat_policy {self.remat_policy!r} not one of {REMAT_POLICIES}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail(f"attention_impl {self.attention_impl!r} not one of {ATTENTION_IMPLS}")
+        if self.conv_impl not in CONV_IMPLS:
+            fail(f"conv_impl {self.conv_impl!r} not one of {CONV_IMPLS}")
 
-    # -- presets ------------------------------------------------------------------------------------
+    # -- presets (PresetConfig.preset) ---------------------------------------------------------------
+    _KIND = "U-Net"
+
     @classmethod
-    def preset(cls, name: str, **overrides) -> "UNetConfig":
-        """The named preset (see :data:`PRESETS`), with optional field overrides."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown U-Net preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def replace(self, **changes) -> "UNetConfig":
-        return dataclasses.replace(self, **changes)
+    def _presets(cls) -> dict:
+        return PRESETS
 
 
 # Named presets: field overrides of UNetConfig. Parameter counts are in benchmarks/RESULTS_unet.md.
@@ -458,8 +481,10 @@ def conv_general_dilated(impl: Optional[str] = None):
     return conv
 
 
-def _conv(features, kernel=3, stride=1, zero=False, dtype=jnp.float32, param_dtype=jnp.float32, name=None,
-          impl=None):
+def conv_layer(features, kernel=3, stride=1, zero=False, dtype=jnp.float32, param_dtype=jnp.float32, name=None,
+               impl=None) -> nn.Conv:
+    """A square ``kernel`` × ``kernel`` NHWC convolution with "same" padding (kernel // 2 each side), LeCun-normal
+    or zero-initialised (``zero``), its weight gradient by ``conv_impl`` ``impl`` (see :func:`banded_conv`)."""
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -474,7 +499,8 @@ def _conv(features, kernel=3, stride=1, zero=False, dtype=jnp.float32, param_dty
     )
 
 
-def _upsample_nearest(x: Array) -> Array:
+def upsample_nearest(x: Array) -> Array:
+    """Nearest-neighbour 2x upsampling of NHWC ``x``."""
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
     return x.reshape(b, 2 * h, 2 * w, c)
@@ -494,7 +520,7 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return _conv(self.channels, 3, 2, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return conv_layer(self.channels, 3, 2, dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -507,9 +533,9 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return _conv(self.channels, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+        return conv_layer(self.channels, dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
                      impl=self.conv_impl)(
-            _upsample_nearest(x)
+            upsample_nearest(x)
         )
 
 
@@ -547,8 +573,8 @@ class ResBlock(nn.Module):
         if self.resample == "down":
             h, x = _avg_pool2(h), _avg_pool2(x)
         elif self.resample == "up":
-            h, x = _upsample_nearest(h), _upsample_nearest(x)
-        h = _conv(self.out_channels, name="conv1", **ckw)(h)
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        h = conv_layer(self.out_channels, name="conv1", **ckw)(h)
 
         n_emb = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         emb = nn.Dense(n_emb, name="temb_proj", **kw)(nn.silu(temb))[:, None, None, :]
@@ -559,10 +585,10 @@ class ResBlock(nn.Module):
         else:
             h = GroupNorm(self.norm_groups, self.norm_eps, act=True, name="norm2", **kw)(h + emb)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-        h = _conv(self.out_channels, zero=True, name="conv2", **ckw)(h)
+        h = conv_layer(self.out_channels, zero=True, name="conv2", **ckw)(h)
 
         if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, kernel=1, name="skip", **ckw)(x)
+            x = conv_layer(self.out_channels, kernel=1, name="skip", **ckw)(x)
         return x + h
 
 
@@ -760,6 +786,38 @@ class SelfAttentionBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def check_denoiser_inputs(cfg, x, t, text_states, text_mask, pooled, labels, size_what: str) -> None:
+    """One-line ValueErrors for denoiser inputs that do not fit ``cfg`` (a UNetConfig or DiTConfig): x_t NHWC with
+    H and W multiples of ``cfg.size_multiple`` (``size_what`` says why) and ``in_channels`` channels, t a scalar
+    or (B,), text states (B, L, context_dim) with a (B, L) mask, pooled (B, pooled_dim), labels."""
+    if x.ndim != 4:
+        raise ValueError(f"x_t must be NHWC (B, H, W, C), got shape {x.shape}")
+    b, hh, ww, c = x.shape
+    if hh % cfg.size_multiple or ww % cfg.size_multiple:
+        raise ValueError(f"image size {hh}x{ww} is not divisible by {size_what}")
+    if c != cfg.in_channels:
+        raise ValueError(f"x_t has {c} channels but config.in_channels is {cfg.in_channels}")
+    if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] not in (1, b)):
+        raise ValueError(f"t must be a scalar or have shape ({b},), got {jnp.shape(t)}")
+    if text_states is not None:
+        if cfg.context_dim is None:
+            raise ValueError("text_states given but config.context_dim is None (no cross-attention)")
+        if text_states.ndim != 3 or text_states.shape[0] != b:
+            raise ValueError(f"text_states must be (B={b}, L, D), got shape {text_states.shape}")
+        if text_states.shape[-1] != cfg.context_dim:
+            raise ValueError(f"text_states last dim {text_states.shape[-1]} != config.context_dim {cfg.context_dim}")
+        if text_mask is not None and tuple(text_mask.shape) != tuple(text_states.shape[:2]):
+            raise ValueError(f"text_mask shape {tuple(text_mask.shape)} != text_states (B, L) "
+                             f"{tuple(text_states.shape[:2])}")
+    if pooled is not None:
+        if cfg.pooled_dim is None:
+            raise ValueError("pooled given but config.pooled_dim is None")
+        if pooled.shape != (b, cfg.pooled_dim):
+            raise ValueError(f"pooled must have shape ({b}, {cfg.pooled_dim}), got {pooled.shape}")
+    if labels is not None and cfg.num_classes is None:
+        raise ValueError("labels given but config.num_classes is None")
+
+
 class UNet(nn.Module):
     r"""Text-conditioned U-Net ``ε_θ(x_t, t, c)`` (Ho et al. 2020; Rombach et al. 2022).
 
@@ -771,43 +829,6 @@ class UNet(nn.Module):
     """
 
     config: UNetConfig
-
-    def _check_inputs(self, x, t, text_states, text_mask, pooled, labels):
-        cfg = self.config
-        if x.ndim != 4:
-            raise ValueError(f"x_t must be NHWC (B, H, W, C), got shape {x.shape}")
-        b, hh, ww, c = x.shape
-        f = cfg.downsample_factor
-        if hh % f or ww % f:
-            raise ValueError(
-                f"image size {hh}x{ww} is not divisible by 2**(num_levels-1) = {f} "
-                f"({cfg.num_levels} levels)"
-            )
-        if c != cfg.in_channels:
-            raise ValueError(f"x_t has {c} channels but config.in_channels is {cfg.in_channels}")
-        if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] not in (1, b)):
-            raise ValueError(f"t must be a scalar or have shape ({b},), got {jnp.shape(t)}")
-        if text_states is not None:
-            if cfg.context_dim is None:
-                raise ValueError("text_states given but config.context_dim is None (no cross-attention)")
-            if text_states.ndim != 3 or text_states.shape[0] != b:
-                raise ValueError(f"text_states must be (B={b}, L, D), got shape {text_states.shape}")
-            if text_states.shape[-1] != cfg.context_dim:
-                raise ValueError(
-                    f"text_states last dim {text_states.shape[-1]} != config.context_dim {cfg.context_dim}"
-                )
-            if text_mask is not None and tuple(text_mask.shape) != tuple(text_states.shape[:2]):
-                raise ValueError(
-                    f"text_mask shape {tuple(text_mask.shape)} != text_states (B, L) "
-                    f"{tuple(text_states.shape[:2])}"
-                )
-        if pooled is not None:
-            if cfg.pooled_dim is None:
-                raise ValueError("pooled given but config.pooled_dim is None")
-            if pooled.shape != (b, cfg.pooled_dim):
-                raise ValueError(f"pooled must have shape ({b}, {cfg.pooled_dim}), got {pooled.shape}")
-        if labels is not None and cfg.num_classes is None:
-            raise ValueError("labels given but config.num_classes is None")
 
     @nn.compact
     def __call__(
@@ -821,7 +842,9 @@ class UNet(nn.Module):
         train: bool = False,
     ) -> Array:
         cfg = self.config
-        self._check_inputs(x, t, text_states, text_mask, pooled, labels)
+        f = cfg.downsample_factor
+        check_denoiser_inputs(cfg, x, t, text_states, text_mask, pooled, labels,
+                              f"2**(num_levels-1) = {f} ({cfg.num_levels} levels)")
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=pdtype)
         b = x.shape[0]
@@ -876,7 +899,7 @@ class UNet(nn.Module):
             return lambda h: mod(h, context, mask, any_real)
 
         last = cfg.num_levels - 1
-        h = _conv(cfg.level_channels(0), name="conv_in", impl=cfg.conv_impl, **kw)(x.astype(dtype))
+        h = conv_layer(cfg.level_channels(0), name="conv_in", impl=cfg.conv_impl, **kw)(x.astype(dtype))
         skips = [h]
         for level in range(cfg.num_levels):
             ch = cfg.level_channels(level)
@@ -912,7 +935,7 @@ class UNet(nn.Module):
                     h = Upsample(ch, conv_impl=cfg.conv_impl, name=f"up_{level}_upsample", **kw)(h)
 
         h = GroupNorm(cfg.norm_groups, cfg.norm_eps, act=True, name="norm_out", **kw)(h)
-        h = _conv(cfg.output_channels, zero=True, name="conv_out", impl=cfg.conv_impl, **kw)(h)
+        h = conv_layer(cfg.output_channels, zero=True, name="conv_out", impl=cfg.conv_impl, **kw)(h)
         return h.astype(jnp.float32)
 
     def init_params(self, key: Array, image_size: int | tuple[int, int] = 32, batch: int = 1,

@@ -2,6 +2,7 @@
 ``load_config`` reads one from its file with ``KEY=VALUE`` overrides (for scripts without absl flags)."""
 
 import ast
+import dataclasses
 import importlib.util
 from typing import Iterable
 
@@ -9,6 +10,7 @@ import ml_collections
 
 from diffjax import losses, samplers, schedules
 from diffjax.data.input_pipeline import validate_data_config
+from diffjax.models import factory
 
 
 def _flat_keys(cfg, prefix=""):
@@ -60,17 +62,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         section, name = key.split(".")
         if config[section][name] < 0:
             raise ValueError(f"config.{key}={config[section][name]} must be >= 0")
-    factor = 2 ** (len(config.model.unet.channel_mult) - 1)
+    name = config.model.name
+    choice("model.name", name, tuple(factory.NETWORKS))
+    net = _network_config(config.model)
     size = int(config.data.image_size or 0)
-    if size and size % factor:
-        raise ValueError(f"config.data.image_size={size} is not a multiple of {factor}, the U-Net's downsampling "
-                         f"(config.model.unet.channel_mult has {len(config.model.unet.channel_mult)} levels)")
-    if config.data.channels and config.model.unet.in_channels != config.data.channels:
-        raise ValueError(f"config.model.unet.in_channels={config.model.unet.in_channels} does not match "
+    if size and size % net.size_multiple:
+        what = (f"the DiT's patch size (config.model.dit.patch_size)" if name == "dit" else
+                f"the U-Net's downsampling (config.model.unet.channel_mult has {net.num_levels} levels)")
+        raise ValueError(f"config.data.image_size={size} is not a multiple of {net.size_multiple}, {what}")
+    if config.data.channels and net.in_channels != config.data.channels:
+        raise ValueError(f"config.model.{name}.in_channels={net.in_channels} does not match "
                          f"config.data.channels={config.data.channels}")
     if not 0.0 <= config.ema.decay < 1.0:
         raise ValueError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
     validate_data_config(config.data)
+
+
+def _network_config(model_config):
+    """The denoiser's config class (UNetConfig or DiTConfig) built from ``config.model``, to check its fields
+    before anything runs (the text encoder's width stands in for an unset context_dim)."""
+    name = model_config.name
+    fields = {k: v for k, v in dict(model_config[name]).items() if k != "preset"}
+    fields["context_dim"] = fields.get("context_dim") or 8
+    _, cls, _ = factory.NETWORKS[name]
+    try:
+        cls.preset(model_config[name].get("preset"))
+    except ValueError as e:
+        raise ValueError(f"config.model.{name}.preset={model_config[name].get('preset')!r}: {e}") from None
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"config.model.{name}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model.{name}: {' '.join(str(e).split())}") from None
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

@@ -14,8 +14,13 @@ from diffjax.models import factory
 def unet_config(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
     """All UNetConfig fields of a preset (so each can be overridden by flag, tuples as
     ``--config.model.unet.channel_mult='(1,2,2)'``), plus the preset's name; context_dim and pooled_dim are
-    filled from the text encoder when None (``diffjax.models.factory.unet_config``)."""
-    return ml_collections.ConfigDict(factory.unet_config_fields(preset, **overrides), type_safe=False)
+    filled from the text encoder when None (``diffjax.models.factory.network_config``)."""
+    return ml_collections.ConfigDict(factory.network_config_fields("unet", preset, **overrides), type_safe=False)
+
+
+def dit_config(preset: str = "fashion_mnist", **overrides) -> ml_collections.ConfigDict:
+    """All DiTConfig fields of a preset (``diffjax.models.dit.DIT_PRESETS``) plus its name, as unet_config."""
+    return ml_collections.ConfigDict(factory.network_config_fields("dit", preset, **overrides), type_safe=False)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,7 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = default_data_config()  # input pipeline (see diffjax/data)
 
     config.model = ml_collections.ConfigDict()
-    config.model.unet = unet_config("small")  # U-Net architecture: a preset of diffjax.models.unet + overrides
+    config.model.name = "unet"  # the denoiser: unet (config.model.unet) | dit (config.model.dit)
+    # The denoisers' architectures: every field of a preset (.preset records which; to start from another preset
+    # build the section with unet_config(NAME) / dit_config(NAME) in a config file), each overridable by flag.
+    config.model.unet = unet_config("small")  # U-Net: diffjax.models.unet.UNetConfig
+    config.model.dit = dit_config("fashion_mnist")  # DiT: diffjax.models.dit.DiTConfig
     config.model.use_pooled_text = True  # add the pooled text embedding to the timestep embedding
 
     config.text = ml_collections.ConfigDict()

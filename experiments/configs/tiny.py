@@ -1,4 +1,4 @@
-"""Seconds-long runs for tests: Fashion-MNIST resized to 8×8, the tiniest U-Net and text encoder."""
+"""Seconds-long runs for tests: Fashion-MNIST resized to 8×8, the tiniest U-Net (or DiT) and text encoder."""
 
 from experiments.configs import default
 
@@ -7,6 +7,7 @@ def get_config():
     config = default.get_config()
     config.data.image_size = 8
     config.model.unet = default.unet_config("tiny", in_channels=1)
+    config.model.dit = default.dit_config("tiny", in_channels=1)  # with --config.model.name=dit
     config.text.encoder = "tiny"
     config.text.max_length = 16
     config.training.batch_size = 8
