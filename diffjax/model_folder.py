@@ -7,10 +7,13 @@ Layout (one JSON config per component, as diffusers' pipelines are saved)::
     unet/config.json                  every diffjax.models.UNetConfig field
     unet/diffusion_params.safetensors the U-Net's parameters, keys "module/.../param"
       (a DiT instead: transformer/config.json, every DiTConfig field, and transformer/diffusion_params.safetensors)
+    vae/config.json, vae/diffusion_params.safetensors
+                                      a latent model's autoencoder: every VAEConfig field, its parameters
     text_encoder/                     a transformers directory: config.json, model.safetensors, tokenizer files
                                       (FlaxCLIPTextModel / CLIPTokenizerFast load it too)
     scheduler/scheduler_config.json   the noise schedule and prediction type, and the sampling defaults
-                                      (sampler, num_steps, guidance_scale, timestep_spacing)
+                                      (sampler, num_steps, guidance_scale, timestep_spacing, and options
+                                      such as steps_offset for the samplers that take them)
 
 The parameters are the ones the pipeline samples with (EMA by default, for an exported training run), in
 safetensors: no optimizer state, no experiment config, no pickle. A folder loads on any number of devices
@@ -43,7 +46,8 @@ NETWORK_CONFIG = "config.json"  # COMPONENT/config.json, COMPONENT "unet" or "tr
 NETWORK_PARAMS = "diffusion_params.safetensors"
 TEXT_ENCODER = "text_encoder"
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
-SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing")
+SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing", "sampler_options")
+VAE = "vae"
 
 
 def _host(tree: Any) -> Any:
@@ -106,14 +110,16 @@ def save(pipe, directory: str) -> str:
             not os.listdir(directory) or _is_model_folder(directory))):
         raise FileExistsError(f"{directory} exists and is not an empty directory or a diffjax model folder; not "
                               f"overwriting it")
-    net_params, text_params = _host(pipe.denoiser_params), _host(pipe.text_params)
-    for name, tree in ((pipe.models.component, net_params), ("text_encoder", text_params)):
+    trees = {pipe.models.component: _host(pipe.denoiser_params), TEXT_ENCODER: _host(pipe.text_params)}
+    if pipe.models.autoencoder is not None:
+        trees[VAE] = _host(pipe.vae_params)
+    for name, tree in trees.items():
         bad = [k for k, v in _flatten(tree).items() if not np.all(np.isfinite(v))]
         if bad:
             raise ValueError(f"refusing to export {directory}: {name} parameter {bad[0]} is not finite"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
     if jax.process_index() == 0:
-        _write(pipe, directory, net_params, text_params)
+        _write(pipe, directory, trees)
     if jax.process_count() > 1:  # nobody reports success before the folder is in place
         from jax.experimental import multihost_utils
 
@@ -121,7 +127,7 @@ def save(pipe, directory: str) -> str:
     return directory
 
 
-def _write(pipe, directory: str, net_params: dict, text_params: dict) -> None:
+def _write(pipe, directory: str, trees: dict) -> None:
     from safetensors.numpy import save_file
 
     parent = os.path.dirname(directory)
@@ -132,17 +138,18 @@ def _write(pipe, directory: str, net_params: dict, text_params: dict) -> None:
         raise OSError(f"cannot write the model folder {directory}: {e.strerror or e}") from e
     try:
         configs = factory.component_configs(pipe.models)
-        component = pipe.models.component
+        networks = [name for name in trees if name != TEXT_ENCODER]  # the denoiser's component, and "vae"
         _write_json(os.path.join(tmp, INDEX), {
             "_class_name": FORMAT, "format_version": FORMAT_VERSION, "image_shape": list(pipe.image_shape),
-            "text_max_length": pipe.models.text_encoder.max_length, component: component,
+            "text_max_length": pipe.models.text_encoder.max_length, **{name: name for name in networks},
             "text_encoder": TEXT_ENCODER, "scheduler": "scheduler"})
-        _write_json(os.path.join(tmp, component, NETWORK_CONFIG), configs[component])
-        save_file({k: np.ascontiguousarray(v) for k, v in _flatten(net_params).items()},
-                  os.path.join(tmp, component, NETWORK_PARAMS), metadata={"format": "diffjax"})
-        sampling = dict(pipe.defaults, timestep_spacing=pipe.timestep_spacing)
+        for name in networks:
+            _write_json(os.path.join(tmp, name, NETWORK_CONFIG), configs[name])
+            save_file({k: np.ascontiguousarray(v) for k, v in _flatten(trees[name]).items()},
+                      os.path.join(tmp, name, NETWORK_PARAMS), metadata={"format": "diffjax"})
+        sampling = dict(pipe.defaults, timestep_spacing=pipe.timestep_spacing, sampler_options=pipe.sampler_options)
         _write_json(os.path.join(tmp, SCHEDULER_CONFIG), {**configs["scheduler"], **sampling})
-        pipe.models.text_encoder.save_pretrained(os.path.join(tmp, TEXT_ENCODER), text_params)
+        pipe.models.text_encoder.save_pretrained(os.path.join(tmp, TEXT_ENCODER), trees[TEXT_ENCODER])
         if not os.path.isdir(directory):
             os.replace(tmp, directory)
             return
@@ -222,7 +229,7 @@ def _load_text_encoder(directory: str, max_length) -> tuple[TextEncoder, dict]:
 
 
 def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, dict, tuple, dict]:
-    """(models, {component: ..., "text": ...}, image_shape, sampling defaults) of the model folder at
+    """(models, {component: ..., "text": ...[, "vae": ...]}, image_shape, sampling defaults) of the model folder at
     ``directory``. ``place`` maps the parameters' abstract tree to the same tree with target shardings."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -246,31 +253,33 @@ def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, d
         raise ValueError(f"{os.path.join(directory, INDEX)}: names {' and '.join(components) or 'no denoiser'}; "
                          f"expected exactly one of {', '.join(factory.COMPONENTS)}")
     component = components[0]
-    config_name = os.path.join(component, NETWORK_CONFIG)
-    network_fields = _read_json(directory, config_name)
+    networks = [component] + ([VAE] if VAE in index else [])
+    fields = {name: _read_json(directory, os.path.join(name, NETWORK_CONFIG)) for name in networks}
     scheduler = _read_json(directory, SCHEDULER_CONFIG)
     defaults = {k: scheduler.pop(k) for k in SAMPLING_KEYS if k in scheduler}
     encoder, text_params = _load_text_encoder(directory, index.get("text_max_length"))
     try:
-        models = factory.models_from_components(component, network_fields, encoder, scheduler)
+        models = factory.models_from_components(component, fields[component], encoder, scheduler, fields.get(VAE))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{directory}: {' '.join(str(e).split())}") from None
-    if int(shape[2]) != models.in_channels:
+    if int(shape[2]) != models.image_channels:
         raise ValueError(f"{os.path.join(directory, INDEX)}: image_shape {shape} has {shape[2]} channels, "
-                         f"{config_name} in_channels={models.in_channels}")
-    params_name = os.path.join(component, NETWORK_PARAMS)
-    params_path = os.path.join(directory, params_name)
-    if not os.path.isfile(params_path):
-        raise FileNotFoundError(f"{directory} is missing {params_name}: not a complete model folder")
-    try:
-        net_params = _unflatten(load_file(params_path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{params_path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+                         f"{os.path.join(networks[-1], NETWORK_CONFIG)} in_channels={models.image_channels}")
     abstract = models.abstract_params()
-    check_params(net_params, abstract[component], params_path, config_name)
+    loaded = {}
+    for name in networks:
+        params_name = os.path.join(name, NETWORK_PARAMS)
+        params_path = os.path.join(directory, params_name)
+        if not os.path.isfile(params_path):
+            raise FileNotFoundError(f"{directory} is missing {params_name}: not a complete model folder")
+        try:
+            loaded[name] = _unflatten(load_file(params_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{params_path}: not a readable safetensors file ({' '.join(str(e).split())})") from None
+        check_params(loaded[name], abstract[name], params_path, os.path.join(name, NETWORK_CONFIG))
     check_params(text_params, abstract["text"], os.path.join(directory, TEXT_ENCODER, "model.safetensors"),
                  os.path.join(TEXT_ENCODER, "config.json"))
+    loaded["text"] = text_params
     target = place(abstract)
-    params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding),
-                                    {component: net_params, "text": text_params}, target)
+    params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), loaded, target)
     return models, params, tuple(shape), defaults

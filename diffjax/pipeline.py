@@ -23,6 +23,7 @@ per-step noise (``sampler_rng``, DDPM and DDIM with η > 0) is drawn per chunk.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ import numpy as np
 from diffjax import guidance, samplers, sharding
 from diffjax.checkpoints import abstract_with_shardings
 from diffjax.models import factory
+from diffjax.models.autoencoder import decode_latents, encode_latents
 from diffjax.models.factory import Models
 from diffjax.pixels import from_uint8, to_uint8
 from diffjax.text import check_prompts
@@ -50,9 +52,17 @@ class Text2Image:
     Args:
       models: ``diffjax.models.factory.Models`` (denoiser, text encoder, schedule and prediction type).
       denoiser_params, text_params: the parameters to sample with (usually the EMA ones).
-      image_shape: (H, W, C) the model was trained at (the default output size).
+      image_shape: (H, W, C) the model was trained at (the default output size; pixels, also for a latent model).
       sampler, num_steps, guidance_scale, timestep_spacing: the defaults of every call.
+      sampler_options: further defaults (e.g. ``steps_offset``, DDIM's ``final_alpha_cumprod``), each given to
+        the samplers that take it.
       mesh: devices to shard each chunk's batch over (default: all devices on one ``data`` axis).
+      vae_params: a latent model's autoencoder parameters (``models.autoencoder``).
+
+    A latent model (Rombach et al. 2022) samples the autoencoder's scaled latents and decodes them; img2img and
+    inpainting encode the image first (the posterior mean), inpainting works on the mask max-pooled to the latent
+    grid (a latent pixel is regenerated when any of its image pixels is) and keeps the unmasked image pixels
+    exactly in the decoded result. ``output_type="latent"`` returns the final latents undecoded.
 
     Build one with :meth:`from_pretrained` (a model folder written by :meth:`save_pretrained`) or
     :meth:`from_checkpoint` (a training run's workdir).
@@ -60,12 +70,16 @@ class Text2Image:
 
     def __init__(self, models: Models, denoiser_params: Any, text_params: Any, image_shape: Sequence[int], *,
                  sampler: str = "dpmpp_2m", num_steps: int = 25, guidance_scale: float = 3.0,
-                 timestep_spacing: Optional[str] = None, mesh=None):
+                 timestep_spacing: Optional[str] = None, sampler_options: Optional[dict] = None, mesh=None,
+                 vae_params: Any = None):
         self.models = models
-        self.denoiser_params, self.text_params = denoiser_params, text_params
+        self.denoiser_params, self.text_params, self.vae_params = denoiser_params, text_params, vae_params
+        if (models.autoencoder is None) != (vae_params is None):
+            raise ValueError("vae_params are needed exactly when the models have an autoencoder")
         self.image_shape = tuple(int(d) for d in image_shape)
         self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
         self.timestep_spacing = timestep_spacing
+        self.sampler_options = dict(sampler_options or {})
         self.mesh = sharding.create_mesh(1) if mesh is None else mesh
         self.config, self.step = None, None  # the experiment config and step, when loaded from a checkpoint
         self._compiled: dict[tuple, Any] = {}
@@ -74,10 +88,13 @@ class Text2Image:
     def prediction_type(self) -> str:
         return self.models.prediction_type
 
-    def with_params(self, denoiser_params: Any, text_params: Any) -> "Text2Image":
-        """The same pipeline with other parameters (of the same shapes), sharing the compiled programs."""
+    def with_params(self, denoiser_params: Any, text_params: Any, vae_params: Any = None) -> "Text2Image":
+        """The same pipeline with other parameters (of the same shapes), sharing the compiled programs (the
+        autoencoder's stay unless given)."""
         other = copy.copy(self)
         other.denoiser_params, other.text_params = denoiser_params, text_params
+        if vae_params is not None:
+            other.vae_params = vae_params
         return other
 
     # ----------------------------------------------------------------------------------------------
@@ -138,24 +155,45 @@ class Text2Image:
 
         mesh = sharding.create_mesh(1) if mesh is None else mesh
         models, params, image_shape, defaults = model_folder.load(directory, lambda tree: _with_shardings(tree, mesh))
-        return cls(models, params[models.component], params["text"], image_shape, mesh=mesh, **defaults)
+        return cls(models, params[models.component], params["text"], image_shape, mesh=mesh,
+                   vae_params=params.get("vae"), **defaults)
+
+    @classmethod
+    def from_diffusers(cls, path_or_hub_id: str, mesh=None, **hub_kwargs) -> "Text2Image":
+        """A Stable Diffusion pipeline (1.x / 2.x: U-Net, KL autoencoder, CLIP text encoder, scheduler) from a
+        diffusers folder or Hugging Face Hub id, its weights converted (``diffjax.convert``; safetensors read with
+        numpy, no torch), on ``mesh`` (default: all devices). ``save_pretrained`` then writes a diffjax model folder::
+
+            pipe = Text2Image.from_diffusers("stable-diffusion-v1-5/stable-diffusion-v1-5")   # downloads once
+            images = pipe.generate(["an astronaut riding a horse"], num_steps=50, guidance_scale=7.5)
+        """
+        from diffjax import convert
+
+        mesh = sharding.create_mesh(1) if mesh is None else mesh
+        models, params, image_shape, defaults = convert.load_diffusers(path_or_hub_id, **hub_kwargs)
+        target = _with_shardings(models.abstract_params(), mesh)
+        params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), params,
+                                        target)
+        return cls(models, params["unet"], params["text"], image_shape, mesh=mesh, vae_params=params["vae"],
+                   **defaults)
 
     # ----------------------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, negative_prompt: str = "", sampler: Optional[str] = None,
                  num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 64,
-                 progress: bool = False, **sampler_options) -> np.ndarray:
+                 progress: bool = False, output_type: str = "uint8", **sampler_options) -> np.ndarray:
         """uint8 images (N, H, W, C), one per prompt, sampled with classifier-free guidance
         ε̃ = ε(x, ∅') + w (ε(x, c) - ε(x, ∅')), ∅' the negative prompt (default ""); w = 1 runs the
-        conditional model alone."""
+        conditional model alone. ``output_type``: ``"uint8"``, ``"float"`` (float32 in [-1, 1]) or, for a latent
+        model, ``"latent"`` (the sampled latents, not decoded)."""
         shape = self._output_shape(height, width)
         return self._run("txt2img", prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape,
-                         batch_size, progress, sampler_options)
+                         batch_size, progress, sampler_options, output_type=output_type)
 
     def img2img(self, prompts: str | Sequence[str], image, *, strength: float = 0.75, negative_prompt: str = "",
                 sampler: Optional[str] = None, num_steps: Optional[int] = None,
                 guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 64,
-                progress: bool = False, **sampler_options) -> np.ndarray:
+                progress: bool = False, output_type: str = "uint8", **sampler_options) -> np.ndarray:
         """SDEdit: ``image`` (uint8 (H, W, C) or (N, H, W, C), or float in [-1, 1]) noised to the level of step
         N - ⌊strength · N⌋ and denoised with the prompts from there, as diffusers' img2img pipelines do.
         ``strength`` 0 returns the image, 1 ignores it (plain text-to-image from the same seed)."""
@@ -165,29 +203,41 @@ class Text2Image:
         x0 = self._check_image(image, len(prompts), "image")
         n = self._num_steps(num_steps)
         start = n - min(int(n * float(strength)), n)
-        if start == n:  # strength 0 (or < 1/n): no step to take, the image itself
-            return to_uint8(x0)
         kind = "txt2img" if start == 0 else "img2img"  # strength 1: from pure noise, the image is unused
+        if start == n and output_type != "latent":  # strength 0 (or < 1/n): no step to take, the image itself
+            return self._finish(x0, self._check_output_type(output_type))
         return self._run(kind, prompts, negative_prompt, sampler, n, guidance_scale, seed, x0.shape[1:],
-                         batch_size, progress, sampler_options, x0=x0, start_step=start)
+                         batch_size, progress, sampler_options, x0=x0, start_step=start, output_type=output_type)
 
     def inpaint(self, prompts: str | Sequence[str], image, mask, *, negative_prompt: str = "",
                 sampler: Optional[str] = None, num_steps: Optional[int] = None,
                 guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 64,
-                progress: bool = False, **sampler_options) -> np.ndarray:
+                progress: bool = False, output_type: str = "uint8", **sampler_options) -> np.ndarray:
         """Fill the pixels where ``mask`` is 1/True (diffusers' convention: white is repainted) and keep the
         others exactly. ``mask``: (H, W), (H, W, 1) or (N, H, W[, 1]), bool or {0, 1} or uint8 {0, 255}."""
         prompts = check_prompts(prompts)
         x0 = self._check_image(image, len(prompts), "image")
         fill = self._check_mask(mask, x0.shape)
         return self._run("inpaint", prompts, negative_prompt, sampler, num_steps, guidance_scale, seed,
-                         x0.shape[1:], batch_size, progress, sampler_options, x0=x0, fill=fill)
+                         x0.shape[1:], batch_size, progress, sampler_options, x0=x0, fill=fill,
+                         output_type=output_type)
 
     # ----------------------------------------------------------------------------------------------
     @property
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this: the U-Net's total downsampling or the DiT's patch."""
+        """Height and width must be multiples of this: the U-Net's total downsampling or the DiT's patch (times
+        the autoencoder's downsampling)."""
         return self.models.size_multiple
+
+    def _check_output_type(self, output_type: str) -> str:
+        allowed = ("uint8", "float") + (("latent",) if self.models.autoencoder is not None else ())
+        if output_type not in allowed:
+            raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(allowed)}")
+        return output_type
+
+    @staticmethod
+    def _finish(x, output_type: str) -> np.ndarray:
+        return to_uint8(x) if output_type == "uint8" else np.asarray(x, np.float32)
 
     def _num_steps(self, num_steps) -> int:
         """``num_steps`` (default: the pipeline's) as a positive int; a one-line ValueError otherwise."""
@@ -201,8 +251,10 @@ class Text2Image:
         h, w = int(height or h0), int(width or w0)
         factor = self.size_multiple
         if h < 1 or w < 1 or h % factor or w % factor:
-            raise ValueError(f"height={h}, width={w}: both must be positive multiples of {factor} (the "
-                             f"{'DiT patch size' if self.models.name == 'dit' else 'U-Net downsampling'})")
+            what = "DiT patch size" if self.models.name == "dit" else "U-Net downsampling"
+            if self.models.autoencoder is not None:
+                what += " times the autoencoder's"
+            raise ValueError(f"height={h}, width={w}: both must be positive multiples of {factor} (the {what})")
         return h, w, c
 
     def _check_image(self, image, n: int, what: str) -> np.ndarray:
@@ -243,20 +295,26 @@ class Text2Image:
         return np.broadcast_to(fill[..., None], (n, h, w, c)).astype(bool)
 
     def _compiled_fn(self, kind: str, sampler: str, num_steps: int, guided: bool, start_step: int,
-                     options: tuple) -> Any:
-        key = (kind, sampler, num_steps, guided, start_step, options)
+                     options: tuple, latent_out: bool) -> Any:
+        key = (kind, sampler, num_steps, guided, start_step, options, latent_out)
         if key in self._compiled:
             return self._compiled[key]
-        samplers.get_sampler(sampler)
-        models, opts = self.models, dict(options)
+        fn_params = inspect.signature(samplers.get_sampler(sampler)).parameters
+        models = self.models
+        opts = {k: v for k, v in self.sampler_options.items() if k in fn_params}  # defaults this sampler takes
+        opts.update(options)
         if self.timestep_spacing and "timestep_spacing" not in opts:
             opts["timestep_spacing"] = self.timestep_spacing
         # DDPM samples with a learned-variance network's own variance unless told otherwise.
         learned = models.learns_variance and sampler == "ddpm" and opts.get("variance_type") in (None, "learned_range")
         if learned:
             opts["variance_type"] = "learned_range"
+        vae = models.autoencoder
+        if vae is None:  # pixels: x̂0 is clipped to the data range at every step
+            opts.setdefault("denoised_fn", guidance.clip_x0)
 
-        def run(denoiser_params, text_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale, x0, fill):
+        def run(denoiser_params, text_params, vae_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale, x0,
+                fill):
             encoder = models.text_encoder
             cond = encoder.encode(text_params, ids, mask, trainable=False)
             denoiser = models.denoiser(denoiser_params, with_variance=learned)
@@ -269,28 +327,42 @@ class Text2Image:
                 def model(x, t):
                     return denoiser(x, t, cond)
 
+            z0, z_fill = x0, fill  # the sampler's space: pixels, or the autoencoder's scaled latents
+            if vae is not None:
+                n, h, w, c = x0.shape
+                f = models.latent_factor
+                z0 = (encode_latents(vae, vae_params, x0) if kind != "txt2img"
+                      else jnp.zeros((n, h // f, w // f, models.in_channels), jnp.float32))
+                pooled = jnp.any(fill.reshape(n, h // f, f, w // f, f, c), axis=(2, 4, 5))
+                z_fill = jnp.broadcast_to(pooled[..., None], z0.shape)
             example_root, sampler_rng = jax.random.split(seed_key)
             keys = jax.vmap(lambda i: jax.random.fold_in(example_root, i))(index)
-            x_T = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:]))(keys)
+            x_T = jax.vmap(lambda k: jax.random.normal(k, z0.shape[1:]))(keys)
             extra = {}
             if kind == "img2img":
-                extra = dict(x0_init=x0, start_step=start_step)
+                extra = dict(x0_init=z0, start_step=start_step)
             elif kind == "inpaint":
                 def post_step(x, sc, sg, i):
                     eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:]))(keys)
-                    return jnp.where(fill, x, sc * x0 + sg * eps)
+                    return jnp.where(z_fill, x, sc * z0 + sg * eps)
 
                 extra = dict(post_step=post_step)
             out = samplers.sample(model, x_T, models.schedule, sampler, num_steps, rng=sampler_rng,
-                                  prediction_type=self.prediction_type, denoised_fn=guidance.clip_x0, **opts, **extra)
-            return jnp.clip(out, -1.0, 1.0)
+                                  prediction_type=self.prediction_type, **opts, **extra)
+            if vae is None:
+                return jnp.clip(out, -1.0, 1.0)
+            if latent_out:
+                return out
+            images = jnp.clip(decode_latents(vae, vae_params, out), -1.0, 1.0)
+            return jnp.where(fill, images, x0) if kind == "inpaint" else images
 
         fn = jax.jit(run)
         self._compiled[key] = fn
         return fn
 
     def _run(self, kind, prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape, batch_size,
-             progress, sampler_options, x0=None, fill=None, start_step=0) -> np.ndarray:
+             progress, sampler_options, x0=None, fill=None, start_step=0, output_type="uint8") -> np.ndarray:
+        output_type = self._check_output_type(output_type)
         prompts = check_prompts(prompts)
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
@@ -305,7 +377,7 @@ class Text2Image:
         ndev = self.mesh.devices.size
         chunk = max(ndev, -(-min(int(batch_size), n) // ndev) * ndev)
         fn = self._compiled_fn(kind, sampler, num_steps, scale != 1.0, start_step,
-                               tuple(sorted(sampler_options.items())))
+                               tuple(sorted(sampler_options.items())), output_type == "latent")
         enc = self.models.text_encoder
         ids, mask = enc.tokenize(prompts)
         neg_ids, neg_mask = enc.tokenize([negative_prompt])
@@ -332,12 +404,12 @@ class Text2Image:
             args = [put(a[take], batch_sh) for a in (ids, mask)]
             args += [put(neg_ids, rep), put(neg_mask, rep), put(rows[take], batch_sh), seed_key,
                      jnp.float32(scale), put(x0[take], batch_sh), put(fill[take], batch_sh)]
-            x = fn(self.denoiser_params, self.text_params, *args)
+            x = fn(self.denoiser_params, self.text_params, self.vae_params, *args)
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
 
                 x = multihost_utils.process_allgather(x, tiled=True)
-            out.append(to_uint8(x)[: min(chunk, n - s)])
+            out.append(self._finish(x, output_type)[: min(chunk, n - s)])
         return np.concatenate(out)
 
 

@@ -490,6 +490,13 @@ class TextEncoder:
         return int(self.config.hidden_size)
 
     @property
+    def masks_padding(self) -> bool:
+        """Whether the transformer gets the padding mask (``config.use_attention_mask``, default True). False: the
+        padding positions attend to every earlier token, as Stable Diffusion's pipelines encode prompts (diffusers
+        reads the same config attribute, absent meaning False there; ``diffjax.convert`` writes it)."""
+        return bool(getattr(self.config, "use_attention_mask", True))
+
+    @property
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
@@ -546,7 +553,8 @@ class TextEncoder:
           params: the text model's parameters ``{"text_model": ...}``.
           token_ids: int (B, L) from :meth:`tokenize`.
           attention_mask: (B, L), nonzero on real tokens; default: every position up to and including
-            the first EOS.  The model is causal, so this only affects the states of padding positions.
+            the first EOS.  The model is causal, so this only affects the states of padding positions (and
+            not at all when :attr:`masks_padding` is False); the returned mask is this one either way.
           trainable: False puts the outputs under ``jax.lax.stop_gradient`` (a frozen encoder), True
             lets gradients reach ``params``; default ``self.trainable``.  A Python bool (static).
 
@@ -569,7 +577,7 @@ class TextEncoder:
         out = self.module.apply(
             {"params": params},
             token_ids,
-            mask.astype(jnp.int32),
+            (mask if self.masks_padding else jnp.ones_like(mask)).astype(jnp.int32),
             self._positions(token_ids),
             deterministic=True,
         )

@@ -13,6 +13,8 @@
     # a self-contained model folder (EMA parameters, one JSON config per component), and sampling from it
     python -m experiments.main --mode=export --workdir=runs/fmnist --out=models/fmnist
     python -m experiments.main --mode=sample --model=models/fmnist --prompt="a sneaker" --out=images/
+    # a diffusers Stable Diffusion folder or Hub id converted to a diffjax model folder (then --mode=sample --model)
+    python -m experiments.main --mode=convert --diffusers=stable-diffusion-v1-5/stable-diffusion-v1-5 --out=models/sd15
 
 Several processes (a TPU pod slice, or several GPU hosts) are joined through ``jax.distributed`` when the
 environment configures them (see ``diffjax.sharding.initialize_distributed``).
@@ -30,7 +32,9 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (experim
                                 "reads only its 'evaluation' section (default: experiments/configs/default.py's).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, samples and metrics.")
-flags.DEFINE_enum("mode", "train", ["train", "train_classifier", "eval", "sample", "export"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "train_classifier", "eval", "sample", "export", "convert"],
+                  "What to run.")
+flags.DEFINE_string("diffusers", None, "convert: a diffusers Stable Diffusion pipeline folder or Hugging Face Hub id.")
 flags.DEFINE_string("model", None, "sample/eval: a model folder (--mode=export, Text2Image.save_pretrained) to use "
                     "instead of --workdir's checkpoint.")
 flags.DEFINE_multi_string("prompt", [], "sample: a prompt (repeat the flag for several).")
@@ -46,7 +50,8 @@ flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default
 flags.DEFINE_string("init_image", None, "sample: image-to-image from this image file (SDEdit).")
 flags.DEFINE_float("strength", 0.75, "sample: image-to-image strength in [0, 1].")
 flags.DEFINE_string("mask", None, "sample: inpainting mask file (white = generate, black = keep init_image).")
-flags.DEFINE_string("out", None, "sample: output directory (default: WORKDIR/generated); export: the model folder.")
+flags.DEFINE_string("out", None, "sample: output directory (default: WORKDIR/generated); export, convert: the model "
+                    "folder to write.")
 
 
 def _fail(e: BaseException) -> None:
@@ -253,6 +258,19 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(where))
 
 
+def convert() -> None:
+    from diffjax.pipeline import Text2Image
+
+    if not FLAGS.diffusers or not FLAGS.out:
+        _fail(ValueError("--mode=convert needs --diffusers (a diffusers pipeline folder or Hub id) and --out"))
+    _check_writable(FLAGS.out, "--out")
+    try:  # the whole conversion happens before anything is written; the folder is written atomically
+        path = Text2Image.from_diffusers(FLAGS.diffusers).save_pretrained(FLAGS.out)
+    except (ValueError, OSError) as e:
+        _fail(e)
+    print(f"converted {FLAGS.diffusers} to {path}")
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)"))
@@ -262,13 +280,13 @@ def main(argv):
 
     if FLAGS.model and FLAGS.mode not in ("sample", "eval"):
         _fail(ValueError(f"--model is for --mode=sample or --mode=eval, not --mode={FLAGS.mode}"))
-    if FLAGS.workdir is None and not (FLAGS.model and FLAGS.mode == "sample" and FLAGS.out):
+    if FLAGS.workdir is None and FLAGS.mode != "convert" and not (FLAGS.model and FLAGS.mode == "sample" and FLAGS.out):
         _fail(ValueError(f"--mode={FLAGS.mode} needs --workdir" + (" (or --out with --model)" if FLAGS.model else "")))
     sharding.initialize_distributed()
     if FLAGS.mode in ("train", "train_classifier") and FLAGS.config is None:
         _fail(ValueError(f"--mode={FLAGS.mode} needs --config (see experiments/configs/)"))
     modes = {"train": lambda: train(FLAGS.config), "train_classifier": lambda: train_classifier(FLAGS.config),
-             "eval": evaluate, "sample": sample, "export": export}
+             "eval": evaluate, "sample": sample, "export": export, "convert": convert}
     modes[FLAGS.mode]()
 
 

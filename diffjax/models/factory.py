@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import schedules as sch
+from diffjax.models.autoencoder import AutoencoderKL, VAEConfig
 from diffjax.models.dit import DiT, DiTConfig
 from diffjax.models.unet import UNet, UNetConfig
 from diffjax.text import TextEncoder
@@ -51,6 +52,8 @@ class SchedulerConfig:
     num_timesteps: int = 1000
     rescale_to_zero_snr: bool = False
     prediction_type: str = "eps"  # eps | x0 | v
+    beta_start: Optional[float] = None  # linear / scaled_linear: β_1 and β_T (None: the schedule's defaults)
+    beta_end: Optional[float] = None
 
     def __post_init__(self):
         if self.schedule not in sch.SCHEDULES:
@@ -60,18 +63,23 @@ class SchedulerConfig:
                              f"{', '.join(sch.PREDICTION_TYPES)}")
 
     def build(self) -> sch.NoiseSchedule:
-        return sch.get_schedule(self.schedule, int(self.num_timesteps), rescale_to_zero_snr=self.rescale_to_zero_snr)
+        betas = {k: float(v) for k, v in (("beta_start", self.beta_start), ("beta_end", self.beta_end)) if v is not None}
+        return sch.get_schedule(self.schedule, int(self.num_timesteps), rescale_to_zero_snr=self.rescale_to_zero_snr,
+                                **betas)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Models:
     """The networks and the schedule of a text-to-image diffusion model (parameters live outside).
 
-    ``network`` is a :class:`UNet` or a :class:`DiT`; its parameters are ``params[models.component]``."""
+    ``network`` is a :class:`UNet` or a :class:`DiT`; its parameters are ``params[models.component]``. With an
+    ``autoencoder`` (latent diffusion) the network works on its scaled latents and its parameters are
+    ``params["vae"]``."""
 
     network: UNet | DiT
     text_encoder: TextEncoder
     scheduler: SchedulerConfig
+    autoencoder: Optional[AutoencoderKL] = None
     schedule: sch.NoiseSchedule = dataclasses.field(init=False)  # built here, never inside a trace
 
     def __post_init__(self):
@@ -101,8 +109,24 @@ class Models:
 
     @property
     def size_multiple(self) -> int:
-        """Image height and width must be multiples of this (the U-Net's downsampling, the DiT's patch)."""
-        return self.network.config.size_multiple
+        """Image height and width must be multiples of this (the U-Net's downsampling, the DiT's patch, times the
+        autoencoder's downsampling for a latent model)."""
+        return self.network.config.size_multiple * self.latent_factor
+
+    @property
+    def latent_factor(self) -> int:
+        """Image pixels per latent pixel along a side (1 without an autoencoder)."""
+        return 1 if self.autoencoder is None else self.autoencoder.config.downsample_factor
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images (the autoencoder's, or the network's for a pixel-space model)."""
+        return self.in_channels if self.autoencoder is None else self.autoencoder.config.in_channels
+
+    def latent_shape(self, image_shape) -> tuple[int, int, int]:
+        """(h, w, c) the network works on for images of ``image_shape`` (H, W, ...)."""
+        h, w = tuple(image_shape)[:2]
+        return h // self.latent_factor, w // self.latent_factor, self.in_channels
 
     @property
     def learns_variance(self) -> bool:
@@ -140,10 +164,18 @@ class Models:
                                  pooled=jnp.zeros((1, d)) if self.use_pooled else None)["params"]
 
     def abstract_params(self) -> dict:
-        """``{component: ..., "text": ...}`` as ``jax.ShapeDtypeStruct`` trees (nothing is computed)."""
-        size = self.size_multiple
-        return jax.eval_shape(lambda k: {self.component: self.init_network(k, (size, size)),
-                                         "text": self.text_encoder.init(k)}, jax.random.PRNGKey(0))
+        """``{component: ..., "text": ...[, "vae": ...]}`` as ``jax.ShapeDtypeStruct`` trees (nothing is
+        computed)."""
+        size = self.network.config.size_multiple
+
+        def init(k):
+            out = {self.component: self.init_network(k, (size, size)), "text": self.text_encoder.init(k)}
+            if self.autoencoder is not None:
+                f, c = self.latent_factor, self.autoencoder.config.in_channels
+                out["vae"] = self.autoencoder.init(k, jnp.zeros((1, f, f, c)))["params"]
+            return out
+
+        return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -221,15 +253,18 @@ def build_models(config, with_text_params: bool = True) -> tuple[Models, Optiona
 
 
 def models_from_components(component: str, network_fields: dict, encoder: TextEncoder,
-                           scheduler_fields: dict) -> Models:
-    """Models from the JSON dicts of ``COMPONENT/config.json`` (``component``: ``"unet"`` or ``"transformer"``)
-    and ``scheduler/scheduler_config.json`` and a loaded text encoder. A field that is not one of the config
-    class's raises a one-line ValueError."""
+                           scheduler_fields: dict, vae_fields: Optional[dict] = None) -> Models:
+    """Models from the JSON dicts of ``COMPONENT/config.json`` (``component``: ``"unet"`` or ``"transformer"``),
+    ``scheduler/scheduler_config.json`` and (a latent model) ``vae/config.json``, and a loaded text encoder. A field
+    that is not one of the config class's raises a one-line ValueError."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown denoiser component {component!r}; expected one of {', '.join(COMPONENTS)}")
     net_cls, cfg_cls, _ = NETWORKS[COMPONENTS[component]]
-    for what, cls, fields in ((f"{component}/config.json", cfg_cls, network_fields),
-                              ("scheduler/scheduler_config.json", SchedulerConfig, scheduler_fields)):
+    checks = [(f"{component}/config.json", cfg_cls, network_fields),
+              ("scheduler/scheduler_config.json", SchedulerConfig, scheduler_fields)]
+    if vae_fields is not None:
+        checks.append(("vae/config.json", VAEConfig, vae_fields))
+    for what, cls, fields in checks:
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{what}: unknown field(s) {', '.join(unknown)}")
@@ -237,11 +272,21 @@ def models_from_components(component: str, network_fields: dict, encoder: TextEn
     if ncfg.context_dim != encoder.hidden_size:
         raise ValueError(f"{component}/config.json: context_dim={ncfg.context_dim} does not match the text "
                          f"encoder's hidden size {encoder.hidden_size}")
-    return Models(net_cls(ncfg), encoder, SchedulerConfig(**scheduler_fields))
+    vae = None
+    if vae_fields is not None:
+        vcfg = VAEConfig(**vae_fields)
+        if vcfg.latent_channels != ncfg.in_channels:
+            raise ValueError(f"vae/config.json: latent_channels={vcfg.latent_channels} but {component}/config.json "
+                             f"has in_channels={ncfg.in_channels}")
+        vae = AutoencoderKL(vcfg)
+    return Models(net_cls(ncfg), encoder, SchedulerConfig(**scheduler_fields), vae)
 
 
 def component_configs(models: Models) -> dict:
-    """The JSON-serialisable component configs: ``{models.component: ..., "scheduler": ...}`` (the text encoder
-    writes its own, transformers' ``config.json``)."""
-    return {models.component: dataclasses.asdict(models.network_config),
-            "scheduler": dataclasses.asdict(models.scheduler)}
+    """The JSON-serialisable component configs: ``{models.component: ..., "scheduler": ...[, "vae": ...]}`` (the
+    text encoder writes its own, transformers' ``config.json``)."""
+    out = {models.component: dataclasses.asdict(models.network_config),
+           "scheduler": dataclasses.asdict(models.scheduler)}
+    if models.autoencoder is not None:
+        out["vae"] = dataclasses.asdict(models.autoencoder.config)
+    return out

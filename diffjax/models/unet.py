@@ -150,6 +150,12 @@ class UNetConfig(PresetConfig):
         convolution; ``"banded"``: the same sum split into bands of ~7 output rows (see
         :func:`banded_conv`), up to 8x faster on XLA:CPU; ``None`` (auto): ``"banded"`` on the CPU
         backend, ``"xla"`` elsewhere.
+      gelu_approximate: the GEGLU feed-forward's GELU in its tanh approximation (True) or exact (False, as
+        diffusers' Stable Diffusion U-Net; weights converted from there set it).
+      transformer_norm_eps: epsilon of the spatial transformers' GroupNorm (None: ``norm_eps``; 1e-6 in diffusers'
+        Stable Diffusion U-Net).
+      use_text_mask: cross-attention attends to the real text tokens only (True), or to every token of the
+        padded prompt (False: Stable Diffusion was trained attending to CLIP's padding states too).
     """
 
     in_channels: int = 3
@@ -182,6 +188,9 @@ class UNetConfig(PresetConfig):
     remat_policy: Optional[str] = None
     attention_impl: Optional[str] = None
     conv_impl: Optional[str] = None
+    gelu_approximate: bool = True
+    transformer_norm_eps: Optional[float] = None
+    use_text_mask: bool = True
 
     def __post_init__(self):
         # Normalise sequences to tuples and dtypes to names so that the config stays hashable.
@@ -671,10 +680,12 @@ class Attention(nn.Module):
 
 class GEGLU(nn.Module):
     r"""Gated feed-forward ``W_2 (x W + b ⊙ GELU(x V + c))`` (Shazeer 2020, "GLU Variants Improve
-    Transformer"), hidden width ``mult * dim``; GELU in its tanh approximation."""
+    Transformer"), hidden width ``mult * dim``; GELU in its tanh approximation, or exact (``approximate=False``,
+    as diffusers' Stable Diffusion U-Net computes it)."""
 
     dim: int
     mult: int = 4
+    approximate: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -685,7 +696,7 @@ class GEGLU(nn.Module):
         # W and V as two matmuls (not one of width 2*hidden split in two: the slices cost more on CPU).
         a = nn.Dense(hidden, name="proj_value", **kw)(x)
         gate = nn.Dense(hidden, name="proj_gate", **kw)(x)
-        return nn.Dense(self.dim, name="proj_out", **kw)(a * nn.gelu(gate, approximate=True))
+        return nn.Dense(self.dim, name="proj_out", **kw)(a * nn.gelu(gate, approximate=self.approximate))
 
 
 class TransformerBlock(nn.Module):
@@ -704,6 +715,7 @@ class TransformerBlock(nn.Module):
     impl: Optional[str] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, h, context=None, mask=None, any_real=None):
@@ -721,7 +733,7 @@ class TransformerBlock(nn.Module):
                 dummy = jnp.zeros((h.shape[0], 1, self.context_dim), self.dtype)
                 Attention(name="cross_attn", **attn)(y, dummy)
         y = nn.LayerNorm(self.norm_eps, name="norm3", **kw)(h)
-        return h + GEGLU(dim, self.ff_mult, name="ff", **kw)(y)
+        return h + GEGLU(dim, self.ff_mult, self.gelu_approximate, name="ff", **kw)(y)
 
 
 class SpatialTransformer(nn.Module):
@@ -741,18 +753,21 @@ class SpatialTransformer(nn.Module):
     impl: Optional[str] = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    group_norm_eps: Optional[float] = None  # the GroupNorm's ε (None: norm_eps, which the LayerNorms use)
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, x, context=None, mask=None, any_real=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, hh, ww, c = x.shape
         inner = self.num_heads * self.head_dim
-        h = GroupNorm(self.norm_groups, self.norm_eps, name="norm", **kw)(x).reshape(b, hh * ww, c)
+        gn_eps = self.norm_eps if self.group_norm_eps is None else self.group_norm_eps
+        h = GroupNorm(self.norm_groups, gn_eps, name="norm", **kw)(x).reshape(b, hh * ww, c)
         h = nn.Dense(inner, name="proj_in", **kw)(h)
         for i in range(self.depth):
             h = TransformerBlock(
                 self.num_heads, self.head_dim, self.context_dim, self.ff_mult, self.norm_eps, self.impl,
-                name=f"block_{i}", **kw,
+                name=f"block_{i}", gelu_approximate=self.gelu_approximate, **kw,
             )(h, context, mask, any_real)
         h = nn.Dense(c, kernel_init=nn.initializers.zeros, name="proj_out", **kw)(h)
         return x + h.reshape(b, hh, ww, c)
@@ -869,7 +884,7 @@ class UNet(nn.Module):
         context = mask = any_real = None
         if text_states is not None and cfg.attention_type == "transformer":
             context = text_states.astype(dtype)
-            if text_mask is not None:
+            if text_mask is not None and cfg.use_text_mask:
                 mask = jnp.asarray(text_mask).astype(bool)
                 any_real = jnp.any(mask, axis=-1)
 
@@ -892,7 +907,8 @@ class UNet(nn.Module):
             if cfg.attention_type == "transformer":
                 mod = attn_cls(
                     n, d, cfg.context_dim, cfg.transformer_depth, cfg.ff_mult, cfg.norm_groups, cfg.norm_eps,
-                    cfg.attention_impl, name=name, **kw,
+                    cfg.attention_impl, name=name, group_norm_eps=cfg.transformer_norm_eps,
+                    gelu_approximate=cfg.gelu_approximate, **kw,
                 )
             else:
                 mod = attn_cls(n, d, cfg.norm_groups, cfg.norm_eps, cfg.attention_impl, name=name, **kw)
