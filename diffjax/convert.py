@@ -463,11 +463,12 @@ def _pipeline_directory(path_or_hub_id: str, **hub_kwargs) -> str:
     return snapshot_download(path_or_hub_id, allow_patterns=patterns, **hub_kwargs)
 
 
-def load_diffusers(path_or_hub_id: str, **hub_kwargs):
+def load_diffusers(path_or_hub_id: str, with_params: bool = True, **hub_kwargs):
     """(Models, {"unet", "text", "vae"} numpy parameter trees, image shape, sampling defaults) of a diffusers
     Stable Diffusion folder or Hub id (e.g. ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``, downloaded with
-    ``huggingface_hub`` when it is not a local folder). Raises one ConversionError line for a folder that is not a
-    diffusers pipeline, a missing component, an architecture diffjax does not have or a shape mismatch."""
+    ``huggingface_hub`` when it is not a local folder); ``with_params=False`` reads the configs only (params
+    ``{}``). Raises one ConversionError line for a folder that is not a diffusers pipeline, a missing component, an
+    architecture diffjax does not have or a shape mismatch."""
     from diffjax.models.autoencoder import AutoencoderKL
     from diffjax.models.factory import Models, SchedulerConfig
     from diffjax.models.unet import UNet
@@ -492,7 +493,7 @@ def load_diffusers(path_or_hub_id: str, **hub_kwargs):
         fields, sampling = scheduler_from_diffusers(json.load(f), sched_path)
     try:
         encoder, text_params = TextEncoder.from_pretrained(directory, subfolder="text_encoder",
-                                                           tokenizer_subfolder="tokenizer")
+                                                           tokenizer_subfolder="tokenizer", load_weights=with_params)
     except (OSError, ValueError) as e:
         raise ConversionError(f"{os.path.join(directory, 'text_encoder')}: {' '.join(str(e).split())[:300]}") from None
     # diffusers encodes prompts without the padding mask unless the config asks for it (absent means no).
@@ -503,11 +504,12 @@ def load_diffusers(path_or_hub_id: str, **hub_kwargs):
     if vcfg.latent_channels != ucfg.in_channels:
         raise ConversionError(f"{os.path.join(directory, 'vae', 'config.json')}: latent_channels="
                               f"{vcfg.latent_channels}, but the U-Net takes in_channels={ucfg.in_channels}")
-    unet_state, unet_file = read_state_dict(os.path.join(directory, "unet"))
-    vae_state, vae_file = read_state_dict(os.path.join(directory, "vae"))
-    params = {"unet": unet_params_from_diffusers(unet_state, ucfg, unet_file),
-              "vae": vae_params_from_diffusers(vae_state, vcfg, vae_file),
-              "text": jax_to_numpy(text_params)}
+    params = {}
+    if with_params:
+        unet_state, unet_file = read_state_dict(os.path.join(directory, "unet"))
+        params = {"unet": unet_params_from_diffusers(unet_state, ucfg, unet_file),
+                  "vae": vae_params_from_diffusers(*_vae_state(directory, vcfg)),
+                  "text": jax_to_numpy(text_params)}
     models = Models(UNet(ucfg), encoder, SchedulerConfig(**fields), AutoencoderKL(vcfg))
     final = sampling.pop("final_alpha_cumprod")
     options = {"steps_offset": sampling.pop("steps_offset")}
@@ -516,6 +518,21 @@ def load_diffusers(path_or_hub_id: str, **hub_kwargs):
     size = int(unet_json.get("sample_size", 64)) * vcfg.downsample_factor
     defaults = dict(sampling, num_steps=50, guidance_scale=7.5, sampler_options=options)
     return models, params, (size, size, vcfg.in_channels), defaults
+
+
+def _vae_state(directory: str, config: VAEConfig) -> tuple[dict, VAEConfig, str]:
+    state, path = read_state_dict(os.path.join(directory, "vae"))
+    return state, config, path
+
+
+def load_diffusers_vae(path_or_hub_id: str, with_params: bool = True, **hub_kwargs):
+    """(VAEConfig, numpy parameters or None) of the ``vae/`` of a diffusers pipeline folder or Hub id."""
+    directory = _pipeline_directory(path_or_hub_id, **hub_kwargs)
+    if not os.path.isdir(os.path.join(directory, "vae")):
+        raise ConversionError(f"{directory} has no vae/: not a latent diffusion pipeline")
+    vcfg = vae_config_from_diffusers(read_config(os.path.join(directory, "vae")),
+                                     os.path.join(directory, "vae", "config.json"))
+    return vcfg, (vae_params_from_diffusers(*_vae_state(directory, vcfg)) if with_params else None)
 
 
 def jax_to_numpy(tree):

@@ -291,6 +291,20 @@ def _save_failed(error: BaseException, ckpt: Checkpointer) -> str:
             f"{' '.join(str(error).split())[:240]}); {kept}")
 
 
+def _grid_prompts(cfg, info, encoder) -> list[str]:
+    """The sample grids' prompts: ``sampling.prompts``, else one per class of a labelled dataset, else the first
+    (up to 8) distinct captions of the eval split, read whole by every process so that all agree."""
+    from diffjax.data import make_dataset
+
+    if cfg.sampling.prompts:
+        return [p for p in cfg.sampling.prompts.split("|") if p]
+    if info.captioner is not None:
+        return info.prompts()
+    it = make_dataset(cfg.data, encoder, split=cfg.data.eval_split, seed=cfg.seed, shuffle=False, keep_captions=True,
+                      global_batch_size=cfg.training.batch_size, process_index=0, process_count=1)
+    return list(dict.fromkeys(str(c) for c in next(it)["caption"]))[:8]
+
+
 def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
     from diffjax.data import make_dataset
 
@@ -310,7 +324,7 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
         state = trainer.init()
     start, last = int(state.step), int(tc.num_steps)
 
-    prompts = [p for p in sc.prompts.split("|") if p] if sc.prompts else info.prompts()
+    prompts = _grid_prompts(cfg, info, enc) if tc.sample_every else []
     sampler = pipeline.Text2Image(trainer.models, None, None, trainer.image_shape, sampler=sc.sampler,
                                   num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
                                   timestep_spacing=sc.timestep_spacing, mesh=trainer.mesh)
@@ -346,7 +360,8 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
         writer.write_scalars(step, {"eval/loss": float(jnp.mean(jnp.stack(vals)))})
 
     def write_samples(step):
-        pipe = sampler.with_params(state.ema_params[trainer.models.component], state.text_params(ema=True))
+        pipe = sampler.with_params(state.ema_params[trainer.models.component], state.text_params(ema=True),
+                                   state.frozen.get("vae"))
         images = pipe.generate([p for p in prompts for _ in range(sc.images_per_prompt)], seed=cfg.seed + 1)
         if lead:
             grid = pipeline.image_grid(images, rows=len(prompts))

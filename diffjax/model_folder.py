@@ -26,12 +26,13 @@ model folder is replaced only once the new one is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -211,13 +212,13 @@ _HF_MISMATCH = re.compile(r"weight for \((.*?)\) failed: checkpoint has shape (\
                           r"with the model shape (\(.*?\))")
 
 
-def _load_text_encoder(directory: str, max_length) -> tuple[TextEncoder, dict]:
+def _load_text_encoder(directory: str, max_length, with_params: bool = True) -> tuple[TextEncoder, Optional[dict]]:
     path = os.path.join(directory, TEXT_ENCODER)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{directory} is missing {os.path.join(TEXT_ENCODER, 'config.json')}: not a "
                                 f"complete model folder")
     try:
-        encoder, params = TextEncoder.from_pretrained(path, max_length=max_length)
+        encoder, params = TextEncoder.from_pretrained(path, max_length=max_length, load_weights=with_params)
     except ValueError as e:  # transformers' shape check
         m = _HF_MISMATCH.search(str(e))
         if m is None:
@@ -228,9 +229,11 @@ def _load_text_encoder(directory: str, max_length) -> tuple[TextEncoder, dict]:
     return encoder, params
 
 
-def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, dict, tuple, dict]:
+def load(directory: str, place: Optional[Callable[[Any], Any]] = None,
+         with_params: bool = True) -> tuple[factory.Models, dict, tuple, dict]:
     """(models, {component: ..., "text": ...[, "vae": ...]}, image_shape, sampling defaults) of the model folder at
-    ``directory``. ``place`` maps the parameters' abstract tree to the same tree with target shardings."""
+    ``directory``. ``place`` maps the parameters' abstract tree to the same tree with target shardings (None: numpy
+    arrays on the host); ``with_params=False`` reads the configs only (params ``{}``)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -257,7 +260,7 @@ def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, d
     fields = {name: _read_json(directory, os.path.join(name, NETWORK_CONFIG)) for name in networks}
     scheduler = _read_json(directory, SCHEDULER_CONFIG)
     defaults = {k: scheduler.pop(k) for k in SAMPLING_KEYS if k in scheduler}
-    encoder, text_params = _load_text_encoder(directory, index.get("text_max_length"))
+    encoder, text_params = _load_text_encoder(directory, index.get("text_max_length"), with_params)
     try:
         models = factory.models_from_components(component, fields[component], encoder, scheduler, fields.get(VAE))
     except (TypeError, ValueError) as e:
@@ -265,6 +268,8 @@ def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, d
     if int(shape[2]) != models.image_channels:
         raise ValueError(f"{os.path.join(directory, INDEX)}: image_shape {shape} has {shape[2]} channels, "
                          f"{os.path.join(networks[-1], NETWORK_CONFIG)} in_channels={models.image_channels}")
+    if not with_params:
+        return models, {}, tuple(shape), defaults
     abstract = models.abstract_params()
     loaded = {}
     for name in networks:
@@ -280,6 +285,87 @@ def load(directory: str, place: Callable[[Any], Any]) -> tuple[factory.Models, d
     check_params(text_params, abstract["text"], os.path.join(directory, TEXT_ENCODER, "model.safetensors"),
                  os.path.join(TEXT_ENCODER, "config.json"))
     loaded["text"] = text_params
-    target = place(abstract)
-    params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), loaded, target)
+    if place is None:
+        params = jax.tree_util.tree_map(lambda x, a: np.asarray(x, a.dtype), loaded, abstract)
+    else:
+        params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), loaded,
+                                        place(abstract))
     return models, params, tuple(shape), defaults
+
+
+# ------------------------------------------------------------------------------------------------------
+# Pretrained models for an experiment: a diffjax model folder or a diffusers pipeline.
+# ------------------------------------------------------------------------------------------------------
+
+
+def load_any(path: str, with_params: bool = True) -> tuple[factory.Models, dict, tuple, dict]:
+    """:func:`load` of a diffjax model folder, or ``diffjax.convert.load_diffusers`` of a diffusers pipeline
+    folder or Hugging Face Hub id: (models, numpy parameters, image shape, sampling defaults)."""
+    from diffjax import convert
+
+    if _is_model_folder(os.path.expanduser(path)):
+        return load(os.path.expanduser(path), with_params=with_params)
+    return convert.load_diffusers(path, with_params=with_params)
+
+
+def load_autoencoder(path: str, with_params: bool = True):
+    """(AutoencoderKL, numpy parameters or None) of the ``vae/`` of a diffjax model folder or a diffusers
+    pipeline (folder or Hub id)."""
+    from diffjax import convert
+    from diffjax.models.autoencoder import AutoencoderKL, VAEConfig
+
+    directory = os.path.expanduser(path)
+    if not _is_model_folder(directory):
+        cfg, params = convert.load_diffusers_vae(path, with_params=with_params)
+        return AutoencoderKL(cfg), params
+    fields = _read_json(directory, os.path.join(VAE, NETWORK_CONFIG))
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(VAEConfig)})
+    if unknown:
+        raise ValueError(f"{os.path.join(directory, VAE, NETWORK_CONFIG)}: unknown field(s) {', '.join(unknown)}")
+    vae = AutoencoderKL(VAEConfig(**fields))
+    if not with_params:
+        return vae, None
+    from safetensors.numpy import load_file
+
+    params_path = os.path.join(directory, VAE, NETWORK_PARAMS)
+    if not os.path.isfile(params_path):
+        raise FileNotFoundError(f"{directory} is missing {os.path.join(VAE, NETWORK_PARAMS)}")
+    params = _unflatten(load_file(params_path))
+    f, c = vae.config.downsample_factor, vae.config.in_channels
+    abstract = jax.eval_shape(lambda k: vae.init(k, jax.numpy.zeros((1, f, f, c)))["params"], jax.random.PRNGKey(0))
+    check_params(params, abstract, params_path, os.path.join(VAE, NETWORK_CONFIG))
+    return vae, params
+
+
+# The fields of a network config that change how it computes, not its parameters: with config.model.pretrained
+# they come from the config's section of that network.
+RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "attention_impl", "conv_impl")
+
+
+def build(config, with_params: bool = True) -> tuple[factory.Models, dict]:
+    """The models of an experiment config and the parameters that do not come from a fresh initialisation:
+    ``{"text": ...}`` (random or pretrained text encoder); with ``config.model.pretrained`` (a model folder or
+    diffusers pipeline to fine-tune) every network comes from there (their compute settings, ``RUNTIME_FIELDS``,
+    from ``config.model.<name>``) and so do their starting parameters (``{component, "text", "vae"}``); with ``config.model.autoencoder`` (latent diffusion from scratch) the frozen
+    ``"vae"`` comes from that folder. ``with_params=False`` reads configs only (params ``{}``)."""
+    mc = config.model
+    if mc.get("pretrained"):
+        models, params, _, _ = load_any(mc.pretrained, with_params)
+        # The architecture is the folder's; how it computes (dtype, remat, ...) is the config's.
+        section = mc.get(models.name, {})
+        runtime = {k: section[k] for k in RUNTIME_FIELDS if k in section}
+        network = type(models.network)(models.network_config.replace(**runtime))
+        encoder = models.text_encoder.replace(trainable=config.text.trainable)
+        return dataclasses.replace(models, network=network, text_encoder=encoder), params
+    models, text_params = factory.build_models(config, with_text_params=with_params)
+    params = {"text": text_params} if with_params else {}
+    if mc.get("autoencoder"):
+        vae, vae_params = load_autoencoder(mc.autoencoder, with_params)
+        if vae.config.latent_channels != models.in_channels:
+            raise ValueError(f"config.model.autoencoder {mc.autoencoder}: latent_channels="
+                             f"{vae.config.latent_channels}, but config.model.{models.name}.in_channels="
+                             f"{models.in_channels}")
+        models = dataclasses.replace(models, autoencoder=vae)
+        if with_params:
+            params["vae"] = vae_params
+    return models, params

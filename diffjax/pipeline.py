@@ -36,7 +36,6 @@ import numpy as np
 
 from diffjax import guidance, samplers, sharding
 from diffjax.checkpoints import abstract_with_shardings
-from diffjax.models import factory
 from diffjax.models.autoencoder import decode_latents, encode_latents
 from diffjax.models.factory import Models
 from diffjax.pixels import from_uint8, to_uint8
@@ -74,8 +73,6 @@ class Text2Image:
                  vae_params: Any = None):
         self.models = models
         self.denoiser_params, self.text_params, self.vae_params = denoiser_params, text_params, vae_params
-        if (models.autoencoder is None) != (vae_params is None):
-            raise ValueError("vae_params are needed exactly when the models have an autoencoder")
         self.image_shape = tuple(int(d) for d in image_shape)
         self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
         self.timestep_spacing = timestep_spacing
@@ -118,15 +115,21 @@ class Text2Image:
         if step not in ckpt.steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; steps: {ckpt.steps()}")
         config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        models, _ = factory.build_models(config, with_text_params=False)
+        from diffjax import model_folder
+
+        models, _ = model_folder.build(config, with_params=False)
         mesh = sharding.create_mesh(1) if mesh is None else mesh
         abstract = models.abstract_params()
         which = "ema_params" if use_ema else "params"
-        target = {which: {models.component: abstract[models.component]}}
+        target = {which: {models.component: abstract[models.component]}, "frozen": {}}
         if models.text_encoder.trainable:
             target[which]["text"] = abstract["text"]
         else:
-            target["frozen"] = {"text": abstract["text"]}
+            target["frozen"]["text"] = abstract["text"]
+        if models.autoencoder is not None:
+            target["frozen"]["vae"] = abstract["vae"]
+        if not target["frozen"]:
+            del target["frozen"]
         target = _with_shardings(target, mesh)
         restored = ckpt.restore_subtree(target, step)
         ckpt.close()
@@ -135,9 +138,9 @@ class Text2Image:
         size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
         sc = config.sampling
         logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir, "EMA" if use_ema else "raw")
-        pipe = cls(models, params[models.component], text_params, (size, size, models.in_channels),
+        pipe = cls(models, params[models.component], text_params, (size, size, models.image_channels),
                    sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                   timestep_spacing=sc.timestep_spacing, mesh=mesh)
+                   timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=restored.get("frozen", {}).get("vae"))
         pipe.config, pipe.step = config, step
         return pipe
 
@@ -363,6 +366,8 @@ class Text2Image:
     def _run(self, kind, prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape, batch_size,
              progress, sampler_options, x0=None, fill=None, start_step=0, output_type="uint8") -> np.ndarray:
         output_type = self._check_output_type(output_type)
+        if self.models.autoencoder is not None and self.vae_params is None:
+            raise ValueError("this latent model's pipeline has no autoencoder parameters (vae_params)")
         prompts = check_prompts(prompts)
         if not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")

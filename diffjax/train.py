@@ -9,6 +9,8 @@ timestep, the noise and the condition dropout of an example do not depend on how
 devices, so 1 device, 8 devices, data × fsdp and pmap all compute the same update (the tests check this).
 
 Per step (Ho et al. 2020, Algorithm 1, with the text conditioning of Rombach et al. 2022):
+  0. for a latent model, the images are encoded by the frozen autoencoder and a latent is drawn from its
+     posterior, scaled (Rombach et al. 2022, §3): the diffusion runs on z = (E(x) - shift) · scaling;
   1. token ids of a fraction ``cond_drop_prob`` of the examples are replaced by the empty prompt's
      (classifier-free guidance, Ho & Salimans 2021);
   2. the text encoder (frozen: under stop_gradient and outside the optimizer; or trained jointly) gives the
@@ -29,9 +31,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from diffjax import losses, sharding
+from diffjax import losses, model_folder, sharding
 from diffjax.checkpoints import abstract_with_shardings
-from diffjax.models.factory import Models, build_models
+from diffjax.models.autoencoder import encode_latents
+from diffjax.models.factory import Models
 
 Array = jax.Array
 
@@ -43,7 +46,7 @@ class TrainState:
     ema_params: Any  # exponential moving average of ``params``
     opt_state: Any
     rng: Array  # uint32[2] key
-    frozen: Any  # {"text": ...} when the text encoder is frozen, else {}
+    frozen: Any  # {"text": ...} when the text encoder is frozen; {"vae": ...}, a latent model's autoencoder
     guard: Any = None  # the skipped-update counters and running loss statistics (init_guard)
 
     def text_params(self, ema: bool = False):
@@ -87,16 +90,22 @@ def ema_decay(step: Array, decay: float, warmup: bool) -> Array:
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def init_state(models: Models, image_shape: tuple[int, int, int], text_params: Any,
+def init_state(models: Models, image_shape: tuple[int, int, int], external: dict,
                tx: optax.GradientTransformation, rng: Array) -> TrainState:
-    """A fresh TrainState (pure: jit it with out_shardings to create it sharded)."""
+    """A fresh TrainState (pure: jit it with out_shardings to create it sharded). ``external`` holds the
+    parameters that do not come from this initialisation (``model_folder.build``): the text encoder's, a
+    pretrained denoiser's to fine-tune, a latent model's frozen autoencoder's (``"vae"``)."""
     init_rng, state_rng = jax.random.split(rng)
-    params = {models.component: models.init_network(init_rng, image_shape)}
+    start = external.get(models.component)
+    params = {models.component: start if start is not None
+              else models.init_network(init_rng, models.latent_shape(image_shape))}
     frozen = {}
     if models.text_encoder.trainable:
-        params["text"] = text_params
+        params["text"] = external["text"]
     else:
-        frozen["text"] = text_params
+        frozen["text"] = external["text"]
+    if models.autoencoder is not None:
+        frozen["vae"] = external["vae"]
     ema = jax.tree_util.tree_map(jnp.array, params)  # a copy: donated buffers must be distinct
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=tx.init(params),
                       rng=state_rng, frozen=frozen, guard=init_guard())
@@ -143,21 +152,31 @@ def update_guard(guard: dict, step: Array, loss: Array, grad_norm: Array, spike_
     return accept, new
 
 
-def _loss_options(dc: ml_collections.ConfigDict) -> dict:
-    """The ``losses.diffusion_loss`` options of ``config.diffusion``, shared by the train and eval steps."""
-    return dict(prediction_type=dc.prediction_type, weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma,
-                p2_gamma=dc.p2_gamma, p2_k=dc.p2_k)
+def _loss_options(dc: ml_collections.ConfigDict, models: Models) -> dict:
+    """The ``losses.diffusion_loss`` options of ``config.diffusion``, shared by the train and eval steps; the
+    prediction type is the model's (a pretrained model's own, not the config's)."""
+    return dict(prediction_type=models.prediction_type, weighting=dc.loss_weighting, min_snr_gamma=dc.min_snr_gamma,
+                p2_gamma=dc.p2_gamma, p2_k=dc.p2_k, learned_variance=models.learns_variance)
 
 
-def _per_example_randomness(step_key: Array, index: Array, image_shape, num_timesteps: int, drop_prob):
-    """t, ε and the condition-dropout flag of each example from fold_in(step_key, global index)."""
+def _per_example_randomness(step_key: Array, index: Array, shape, num_timesteps: int, drop_prob):
+    """t, ε, the condition-dropout flag and the autoencoder's posterior noise of each example from
+    fold_in(step_key, global index); ``shape`` is the diffusion's (the latents' for a latent model)."""
 
     def one(i):
-        kt, kn, kd = jax.random.split(jax.random.fold_in(step_key, i), 3)
-        return (jax.random.randint(kt, (), 0, num_timesteps), jax.random.normal(kn, image_shape, jnp.float32),
-                jax.random.uniform(kd) < drop_prob)
+        kt, kn, kd, kz = jax.random.split(jax.random.fold_in(step_key, i), 4)
+        return (jax.random.randint(kt, (), 0, num_timesteps), jax.random.normal(kn, shape, jnp.float32),
+                jax.random.uniform(kd) < drop_prob, jax.random.normal(kz, shape, jnp.float32))
 
     return jax.vmap(one)(index)
+
+
+def diffusion_inputs(models: Models, frozen: dict, images: Array, posterior_noise: Optional[Array] = None) -> Array:
+    """What the diffusion runs on: the images, or for a latent model their scaled latents, drawn from the frozen
+    autoencoder's posterior with ``posterior_noise`` (its mean without), under a stop-gradient."""
+    if models.autoencoder is None:
+        return images
+    return jax.lax.stop_gradient(encode_latents(models.autoencoder, frozen["vae"], images, noise=posterior_noise))
 
 
 def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax.GradientTransformation,
@@ -177,15 +196,17 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
     spike_sigma = float(config.training.loss_spike_sigma)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        x0 = batch["image"]
-        b = x0.shape[0]
+        images = batch["image"]
+        b = images.shape[0]
         step_key, dropout_key, next_rng = jax.random.split(state.rng, 3)
         offset = 0
         if axis_name is not None:
             offset = jax.lax.axis_index(axis_name) * b
             dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
-        t, noise, drop = _per_example_randomness(step_key, offset + jnp.arange(b), x0.shape[1:],
-                                                 models.schedule.num_timesteps, dc.cond_drop_prob)
+        t, noise, drop, z_noise = _per_example_randomness(step_key, offset + jnp.arange(b),
+                                                          models.latent_shape(images.shape[1:]),
+                                                          models.schedule.num_timesteps, dc.cond_drop_prob)
+        x0 = diffusion_inputs(models, state.frozen, images, z_noise)
         ids, mask = losses.select_condition(drop, (batch["token_ids"], batch["mask"]), (uncond_ids, uncond_mask))
 
         def loss_fn(params):
@@ -194,7 +215,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
             model_fn = models.denoiser(params[models.component], train=True, dropout_rng=dropout_key,
                                        with_variance=True)
             out = losses.diffusion_loss(step_key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
-                                        learned_variance=models.learns_variance, **_loss_options(dc))
+                                        **_loss_options(dc, models))
             return out.loss, out
 
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -225,14 +246,16 @@ def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callabl
     dc = config.diffusion
 
     def eval_step(state: TrainState, batch: dict, key: Array) -> Array:
-        x0 = batch["image"]
-        t, noise, _ = _per_example_randomness(key, jnp.arange(x0.shape[0]), x0.shape[1:],
-                                              models.schedule.num_timesteps, 0.0)
+        images = batch["image"]
+        t, noise, _, _ = _per_example_randomness(key, jnp.arange(images.shape[0]),
+                                                 models.latent_shape(images.shape[1:]),
+                                                 models.schedule.num_timesteps, 0.0)
+        x0 = diffusion_inputs(models, state.frozen, images)
         cond = models.text_encoder.encode(state.text_params(ema=True), batch["token_ids"], batch["mask"],
                                           trainable=False)
         model_fn = models.denoiser(state.ema_params[models.component], with_variance=True)
         return losses.diffusion_loss(key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
-                                     learned_variance=models.learns_variance, **_loss_options(dc)).loss
+                                     **_loss_options(dc, models)).loss
 
     return eval_step
 
@@ -262,12 +285,16 @@ class Trainer:
         self.image_shape = tuple(image_shape)
         self.mesh = sharding.create_mesh(config.sharding.fsdp) if mesh is None else mesh
         sharding.check_batch_size(config.training.batch_size, self.mesh)
-        self.models, self._text_params = build_models(config)
+        self.models, self._external = model_folder.build(config)
+        f = self.models.size_multiple
+        if self.image_shape[0] % f or self.image_shape[1] % f or self.image_shape[2] != self.models.image_channels:
+            raise ValueError(f"images of shape {self.image_shape} do not fit the model: height and width must be "
+                             f"multiples of {f}, and it takes {self.models.image_channels} channels")
         self.tx, self.lr_schedule = make_optimizer(config)
         uncond_ids, uncond_mask = self.models.text_encoder.tokenize([""])
         self.uncond = (jnp.asarray(uncond_ids), jnp.asarray(uncond_mask))
         step_fn = make_train_step(config, self.models, self.tx, self.lr_schedule, *self.uncond)
-        abstract = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0), self._text_params)
+        abstract = jax.eval_shape(self._init_fn, jax.random.PRNGKey(0), self._external)
         self.state_shardings = sharding.state_shardings(self.mesh, abstract)
         self.abstract_state = abstract
         self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -278,11 +305,11 @@ class Trainer:
         self.eval_step = jax.jit(make_eval_step(config, self.models),
                                  in_shardings=(self.state_shardings, self.batch_sharding, rep), out_shardings=rep)
 
-    def _init_fn(self, rng, text_params):
-        return init_state(self.models, self.image_shape, text_params, self.tx, rng)
+    def _init_fn(self, rng, external):
+        return init_state(self.models, self.image_shape, external, self.tx, rng)
 
     def init(self, seed: Optional[int] = None) -> TrainState:
-        return self._init(jax.random.PRNGKey(self.config.seed if seed is None else seed), self._text_params)
+        return self._init(jax.random.PRNGKey(self.config.seed if seed is None else seed), self._external)
 
     def shard_batch(self, local_batch: dict) -> dict:
         """This process's numpy batch → global arrays sharded over the mesh (only the model inputs)."""

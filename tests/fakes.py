@@ -28,6 +28,35 @@ def write_fake_fashion_mnist(directory, n_train=40, n_test=20, seed=0):
     return out
 
 
+def write_image_folder(folder, size=16, n=16):
+    """``n`` RGB ``size``² images in four flat colours, one caption per colour, and ``captions.jsonl``."""
+    import json
+
+    from PIL import Image
+
+    colours = {"a red square": (255, 0, 0), "a green square": (0, 255, 0), "a blue square": (0, 0, 255),
+               "a white square": (255, 255, 255)}
+    rows = []
+    for i in range(n):
+        caption, rgb = list(colours.items())[i % 4]
+        Image.new("RGB", (size, size), rgb).save(os.path.join(folder, f"{i}.png"))
+        rows.append({"file": f"{i}.png", "caption": caption})
+    with open(os.path.join(folder, "captions.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return os.path.join(folder, "captions.jsonl")
+
+
+def image_folder_config(captions_file, data_dir, size=16, **model):
+    """tiny_config() on a captioned RGB image folder at ``size`` px, with ``config.model`` keys set."""
+    config = tiny_config()
+    config.data.name, config.data.captions_file = "image_folder", str(captions_file)
+    config.data.data_dir, config.data.image_size, config.data.channels = str(data_dir), size, 3
+    config.data.train_split, config.data.eval_split = "train", "train"
+    for key, value in model.items():
+        config.model[key] = value
+    return config
+
+
 def tiny_config():
     """experiments/configs/tiny.py with the tests' global batch."""
     from experiments.configs import tiny

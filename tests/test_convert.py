@@ -255,3 +255,28 @@ def test_convert_command_and_bad_folders_one_line_nothing_written(tmp_path, run_
     vae_config = json.loads((tmp_path / "shape" / "vae" / "config.json").read_text())
     (tmp_path / "shape" / "vae" / "config.json").write_text(json.dumps(dict(vae_config, latent_channels=8)))
     assert "latent_channels=8, but the U-Net takes in_channels=4" in convert("shape")
+
+
+def test_fine_tuning_starts_from_the_converted_weights(tmp_path):
+    from fakes import flat, image_folder_config, write_image_folder
+
+    from diffjax.train import Trainer
+
+    save_tiny_sd_pipeline(tmp_path / "sd", "sd2")
+    (tmp_path / "images").mkdir()
+    captions = write_image_folder(str(tmp_path / "images"), size=32, n=8)
+    config = image_folder_config(captions, tmp_path / "tfds", size=32, pretrained=str(tmp_path / "sd"))
+    config.text.trainable = False
+    trainer = Trainer(config)
+    assert trainer.models.prediction_type == "v" and trainer.models.latent_factor == 4
+    converted = convert.load_diffusers(str(tmp_path / "sd"))[1]
+    state = trainer.init()
+    np.testing.assert_array_equal(flat(state.params["unet"]), flat(converted["unet"]))
+    np.testing.assert_array_equal(flat(state.frozen["vae"]), flat(converted["vae"]))
+    rng = np.random.default_rng(0)
+    ids, mask = trainer.models.text_encoder.tokenize(["a red square"] * 8)
+    batch = trainer.shard_batch({"image": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32), "token_ids": ids,
+                                 "mask": mask})
+    state, metrics = trainer.step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    assert not np.array_equal(flat(state.params["unet"]), flat(converted["unet"]))

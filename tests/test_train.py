@@ -124,7 +124,7 @@ def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path, r
 
 
 @pytest.mark.parametrize("name", ["tiny", "fashion_mnist", "fashion_mnist_long", "fashion_mnist_dit", "cifar10",
-                                  "text_to_image_folder"])
+                                  "sd_finetune_folder", "text_to_image_folder"])
 def test_experiment_configs_are_valid(name):
     import importlib
 

@@ -303,9 +303,9 @@ def _chunked(fn, x: Array, chunk: Optional[int]) -> Array:
 
 
 def encode_latents(vae: AutoencoderKL, params, images: Array, key: Optional[Array] = None,
-                   chunk: Optional[int] = None) -> Array:
+                   chunk: Optional[int] = None, noise: Optional[Array] = None) -> Array:
     """The diffusion model's latents of ``images`` (NHWC in [-1, 1]): ``(z - shift) · scaling`` with z sampled
-    from the posterior with ``key``, or its mean without one."""
+    from the posterior (z = mean + std · ε, ε drawn with ``key`` or given as ``noise``), or its mean."""
     cfg = vae.config
 
     def moments(x):
@@ -314,7 +314,9 @@ def encode_latents(vae: AutoencoderKL, params, images: Array, key: Optional[Arra
 
     both = _chunked(moments, images, chunk)
     mean, std = both[..., :cfg.latent_channels], both[..., cfg.latent_channels:]
-    z = mean if key is None else mean + std * jax.random.normal(key, mean.shape, jnp.float32)
+    if noise is None and key is not None:
+        noise = jax.random.normal(key, mean.shape, jnp.float32)
+    z = mean if noise is None else mean + std * noise
     return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
 

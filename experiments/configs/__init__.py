@@ -66,11 +66,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     choice("model.name", name, tuple(factory.NETWORKS))
     net = _network_config(config.model)
     size = int(config.data.image_size or 0)
-    if size and size % net.size_multiple:
+    if config.model.pretrained and config.model.autoencoder:
+        raise ValueError("config.model.pretrained brings its own autoencoder: leave config.model.autoencoder empty")
+    if config.model.pretrained or config.model.autoencoder:
+        pass  # the sizes are the loaded model's: the Trainer checks them once it has read the folder
+    elif size and size % net.size_multiple:
         what = (f"the DiT's patch size (config.model.dit.patch_size)" if name == "dit" else
                 f"the U-Net's downsampling (config.model.unet.channel_mult has {net.num_levels} levels)")
         raise ValueError(f"config.data.image_size={size} is not a multiple of {net.size_multiple}, {what}")
-    if config.data.channels and net.in_channels != config.data.channels:
+    if not (config.model.pretrained or config.model.autoencoder) and config.data.channels and \
+            net.in_channels != config.data.channels:
         raise ValueError(f"config.model.{name}.in_channels={net.in_channels} does not match "
                          f"config.data.channels={config.data.channels}")
     if not 0.0 <= config.ema.decay < 1.0:

@@ -36,6 +36,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.unet = unet_config("small")  # U-Net: diffjax.models.unet.UNetConfig
     config.model.dit = dit_config("fashion_mnist")  # DiT: diffjax.models.dit.DiTConfig
     config.model.use_pooled_text = True  # add the pooled text embedding to the timestep embedding
+    # Fine-tuning: a diffjax model folder, or a diffusers pipeline folder / Hub id, whose networks (denoiser, text
+    # encoder, autoencoder), schedule and weights the run starts from ("" = train the networks above from scratch).
+    config.model.pretrained = ""
+    # Latent diffusion from scratch: the model folder / diffusers pipeline whose frozen autoencoder (vae/) encodes
+    # the images; the denoiser's in_channels must be its latent channels ("" = diffusion on pixels).
+    config.model.autoencoder = ""
 
     config.text = ml_collections.ConfigDict()
     config.text.encoder = "tiny"  # TextEncoder size (from_config) or, with pretrained, a hub id / local dir

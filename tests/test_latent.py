@@ -1,0 +1,121 @@
+"""Latent diffusion training: from scratch on a frozen autoencoder (config.model.autoencoder) and fine-tuning a
+pretrained latent model (config.model.pretrained), on a captioned RGB image folder; no torch needed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fakes import flat, image_folder_config, perturbed, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def latent_folder(tmp_path_factory):
+    """A tiny latent model folder: autoencoder (2x downsampling, 4 latent channels), U-Net, CLIP text encoder."""
+    from diffjax.models.autoencoder import AutoencoderKL, vae_preset
+    from diffjax.models.factory import Models, SchedulerConfig
+    from diffjax.models.unet import UNet, unet_preset
+    from diffjax.pipeline import Text2Image
+    from diffjax.text import TextEncoder
+
+    encoder, text_params = TextEncoder.from_config("tiny", max_length=16)
+    unet = UNet(unet_preset("tiny", in_channels=4, context_dim=encoder.hidden_size))
+    vae = AutoencoderKL(vae_preset("tiny", scaling_factor=0.7))
+    models = Models(unet, encoder, SchedulerConfig(schedule="scaled_linear", prediction_type="eps"), vae)
+    params = models.abstract_params()
+    key = jax.random.PRNGKey(0)
+    unet_params = perturbed(models.init_network(key, (8, 8)))
+    vae_params = perturbed(vae.init(key, jnp.zeros((1, 16, 16, 3)))["params"], seed=3)
+    assert jax.tree_util.tree_structure(vae_params) == jax.tree_util.tree_structure(params["vae"])
+    pipe = Text2Image(models, unet_params, text_params, (16, 16, 3), num_steps=3, vae_params=vae_params)
+    return pipe.save_pretrained(str(tmp_path_factory.mktemp("latent") / "model"))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """16 RGB 16x16 images: four colours, one caption each."""
+    folder = tmp_path_factory.mktemp("images")
+    write_image_folder(str(folder))
+    return folder
+
+
+def _config(image_folder, tmp_path, **model):
+    config = image_folder_config(image_folder / "captions.jsonl", tmp_path / "tfds", **model)
+    config.model.unet.in_channels = 4
+    return config
+
+
+def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent_folder, image_folder, tmp_path):
+    from diffjax import losses, model_folder
+    from diffjax.data import make_dataset
+    from diffjax.models.autoencoder import encode_latents
+    from diffjax.train import Trainer, _per_example_randomness
+
+    config = _config(image_folder, tmp_path, autoencoder=latent_folder)
+    config.text.trainable = False
+    trainer = Trainer(config)
+    models = trainer.models
+    assert models.autoencoder is not None and models.latent_shape((16, 16, 3)) == (8, 8, 4)
+    _, vae_params = model_folder.load_autoencoder(latent_folder)
+    it = make_dataset(config.data, models.text_encoder, split="train", global_batch_size=8, seed=0)
+    batch = trainer.shard_batch(next(it))
+    state = trainer.init()
+    np.testing.assert_array_equal(flat(state.frozen["vae"]), flat(vae_params))
+    # The held-out loss is the diffusion loss of the autoencoder's scaled posterior means.
+    key = jax.random.PRNGKey(5)
+    t, noise, _, _ = _per_example_randomness(key, jnp.arange(8), (8, 8, 4), models.schedule.num_timesteps, 0.0)
+    z0 = encode_latents(models.autoencoder, vae_params, batch["image"])
+    cond = models.text_encoder.encode(state.text_params(), batch["token_ids"], batch["mask"])
+    expect = losses.diffusion_loss(key, models.denoiser(state.ema_params["unet"]), models.schedule, z0, cond, t=t,
+                                   noise=noise, prediction_type="eps", weighting="min_snr").loss
+    np.testing.assert_allclose(trainer.eval_step(state, batch, key), expect, rtol=1e-5)
+    for _ in range(3):
+        state, metrics = trainer.step(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+    np.testing.assert_array_equal(flat(state.frozen["vae"]), flat(vae_params))  # frozen: not trained
+
+
+def test_fine_tuning_a_pretrained_latent_model_trains_exports_and_samples(latent_folder, image_folder, tmp_path,
+                                                                          run_main):
+    from diffjax import model_folder
+    from diffjax.pipeline import Text2Image
+
+    config = _config(image_folder, tmp_path, pretrained=latent_folder)
+    flags = [f"--config.model.pretrained={latent_folder}", "--config.text.trainable=False",
+             "--config.data.name=image_folder", f"--config.data.captions_file={image_folder / 'captions.jsonl'}",
+             f"--config.data.data_dir={config.data.data_dir}", "--config.data.image_size=16",
+             "--config.data.channels=3", "--config.data.train_split=train", "--config.data.eval_split=train",
+             "--config.training.sample_every=4"]
+    proc = run_main(["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}/run", *flags])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "samples" / "step_000004.png").stat().st_size > 0
+    pipe = Text2Image.from_checkpoint(str(tmp_path / "run"))
+    _, start, _, _ = model_folder.load(latent_folder)
+    assert not np.array_equal(flat(pipe.denoiser_params), flat(start["unet"]))  # fine-tuned from the start
+    np.testing.assert_array_equal(flat(pipe.vae_params), flat(start["vae"]))  # the autoencoder stays as it was
+    images = pipe.generate(["a red square", "a blue square"], num_steps=3, seed=2)
+    assert images.shape == (2, 16, 16, 3)
+    again = Text2Image.from_pretrained(pipe.save_pretrained(str(tmp_path / "export")))
+    np.testing.assert_array_equal(again.generate(["a red square", "a blue square"], num_steps=3, seed=2), images)
+
+
+def test_latent_configs_bad_input_one_line(latent_folder, image_folder, tmp_path, run_main, last_error_line):
+    data = ["--config.data.name=image_folder", f"--config.data.captions_file={image_folder / 'captions.jsonl'}",
+            f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.data.image_size=16", "--config.data.channels=3",
+            "--config.data.train_split=train", "--config.data.eval_split=train"]
+    base = ["--config=experiments/configs/tiny.py", *data]
+    proc = run_main([*base, f"--workdir={tmp_path}/a", f"--config.model.autoencoder={latent_folder}"])
+    assert last_error_line(proc) == (f"error: config.model.autoencoder {latent_folder}: latent_channels=4, but "
+                                     f"config.model.unet.in_channels=1")
+    proc = run_main([*base, f"--workdir={tmp_path}/b", f"--config.model.autoencoder={latent_folder}",
+                     f"--config.model.pretrained={latent_folder}"])
+    assert last_error_line(proc) == ("error: config.model.pretrained brings its own autoencoder: leave "
+                                     "config.model.autoencoder empty")
+    proc = run_main([*base, f"--workdir={tmp_path}/c", f"--config.model.pretrained={tmp_path}/nowhere"])
+    assert last_error_line(proc).startswith(f"error: {tmp_path}/nowhere: no such directory")
+    proc = run_main([*base, f"--workdir={tmp_path}/d", f"--config.model.pretrained={latent_folder}",
+                     "--config.data.image_size=10"])
+    assert last_error_line(proc) == ("error: images of shape (10, 10, 3) do not fit the model: height and width "
+                                     "must be multiples of 4, and it takes 3 channels")
+    for d in "abcd":
+        assert not (tmp_path / d / "checkpoints").exists()
