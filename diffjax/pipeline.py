@@ -94,6 +94,37 @@ class Text2Image:
             other.vae_params = vae_params
         return other
 
+    def to_dtype(self, dtype) -> "Text2Image":
+        """The same pipeline with its parameters stored and its networks computing in ``dtype`` (``"bfloat16"``:
+        half the parameter memory and the accelerators' fast matmuls; ``"float32"`` back). What stays float32:
+        the noise schedule, the sampler's update arithmetic (the network's output is promoted), GroupNorm
+        statistics and the final clipping. The compiled programs are not shared (they depend on the dtype)."""
+        import dataclasses
+
+        from diffjax.models.unet import canonical_dtype
+
+        name = canonical_dtype(dtype, "dtype")
+        models = self.models
+
+        def recompute(module):
+            return type(module)(module.config.replace(dtype=name, param_dtype=name))
+
+        models = dataclasses.replace(
+            models, network=recompute(models.network),
+            text_encoder=models.text_encoder.replace(dtype=jnp.dtype(name)),
+            autoencoder=None if models.autoencoder is None else recompute(models.autoencoder))
+
+        def cast(tree):
+            return jax.tree_util.tree_map(
+                lambda x: x.astype(name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+        other = copy.copy(self)
+        other.models = models
+        other.denoiser_params, other.text_params = cast(self.denoiser_params), cast(self.text_params)
+        other.vae_params = None if self.vae_params is None else cast(self.vae_params)
+        other._compiled = {}
+        return other
+
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, workdir: str, step: Optional[int] = None, use_ema: bool = True,
@@ -151,21 +182,25 @@ class Text2Image:
         return model_folder.save(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str, mesh=None) -> "Text2Image":
+    def from_pretrained(cls, directory: str, mesh=None, dtype=None) -> "Text2Image":
         """The pipeline saved by :meth:`save_pretrained` in ``directory``, on ``mesh`` (default: all
-        devices); needs no experiment config, dataset or optimizer."""
+        devices); needs no experiment config, dataset or optimizer. ``dtype``: see :meth:`to_dtype` (default: the
+        dtype the folder was saved in, e.g. ``bfloat16`` for a pipeline saved after ``to_dtype("bfloat16")``)."""
         from diffjax import model_folder
 
         mesh = sharding.create_mesh(1) if mesh is None else mesh
         models, params, image_shape, defaults = model_folder.load(directory, lambda tree: _with_shardings(tree, mesh))
-        return cls(models, params[models.component], params["text"], image_shape, mesh=mesh,
+        pipe = cls(models, params[models.component], params["text"], image_shape, mesh=mesh,
                    vae_params=params.get("vae"), **defaults)
+        dtype = dtype or models.network_config.param_dtype
+        return pipe if dtype == "float32" and models.network_config.param_dtype == "float32" else pipe.to_dtype(dtype)
 
     @classmethod
-    def from_diffusers(cls, path_or_hub_id: str, mesh=None, **hub_kwargs) -> "Text2Image":
+    def from_diffusers(cls, path_or_hub_id: str, mesh=None, dtype=None, **hub_kwargs) -> "Text2Image":
         """A Stable Diffusion pipeline (1.x / 2.x: U-Net, KL autoencoder, CLIP text encoder, scheduler) from a
         diffusers folder or Hugging Face Hub id, its weights converted (``diffjax.convert``; safetensors read with
-        numpy, no torch), on ``mesh`` (default: all devices). ``save_pretrained`` then writes a diffjax model folder::
+        numpy, no torch), on ``mesh`` (default: all devices), in ``dtype`` (default float32; see :meth:`to_dtype`).
+        ``save_pretrained`` then writes a diffjax model folder::
 
             pipe = Text2Image.from_diffusers("stable-diffusion-v1-5/stable-diffusion-v1-5")   # downloads once
             images = pipe.generate(["an astronaut riding a horse"], num_steps=50, guidance_scale=7.5)
@@ -177,8 +212,9 @@ class Text2Image:
         target = _with_shardings(models.abstract_params(), mesh)
         params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), params,
                                         target)
-        return cls(models, params["unet"], params["text"], image_shape, mesh=mesh, vae_params=params["vae"],
+        pipe = cls(models, params["unet"], params["text"], image_shape, mesh=mesh, vae_params=params["vae"],
                    **defaults)
+        return pipe if dtype is None else pipe.to_dtype(dtype)
 
     # ----------------------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[str], *, negative_prompt: str = "", sampler: Optional[str] = None,

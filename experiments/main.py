@@ -50,6 +50,8 @@ flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default
 flags.DEFINE_string("init_image", None, "sample: image-to-image from this image file (SDEdit).")
 flags.DEFINE_float("strength", 0.75, "sample: image-to-image strength in [0, 1].")
 flags.DEFINE_string("mask", None, "sample: inpainting mask file (white = generate, black = keep init_image).")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "sample/eval/export/convert: the parameters' and "
+                  "the networks' compute dtype (Text2Image.to_dtype; default: as trained or saved).")
 flags.DEFINE_string("out", None, "sample: output directory (default: WORKDIR/generated); export, convert: the model "
                     "folder to write.")
 
@@ -124,8 +126,9 @@ def _load_pipeline():
     use_ema = bool(ec.use_ema) if ec is not None else True
     try:
         if FLAGS.model:
-            return Text2Image.from_pretrained(FLAGS.model)
-        return Text2Image.from_checkpoint(FLAGS.workdir, step=FLAGS.step, use_ema=use_ema)
+            return Text2Image.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
+        pipe = Text2Image.from_checkpoint(FLAGS.workdir, step=FLAGS.step, use_ema=use_ema)
+        return pipe if FLAGS.dtype is None else pipe.to_dtype(FLAGS.dtype)
     except (ValueError, OSError) as e:
         _fail(e)
 
@@ -265,7 +268,7 @@ def convert() -> None:
         _fail(ValueError("--mode=convert needs --diffusers (a diffusers pipeline folder or Hub id) and --out"))
     _check_writable(FLAGS.out, "--out")
     try:  # the whole conversion happens before anything is written; the folder is written atomically
-        path = Text2Image.from_diffusers(FLAGS.diffusers).save_pretrained(FLAGS.out)
+        path = Text2Image.from_diffusers(FLAGS.diffusers, dtype=FLAGS.dtype).save_pretrained(FLAGS.out)
     except (ValueError, OSError) as e:
         _fail(e)
     print(f"converted {FLAGS.diffusers} to {path}")

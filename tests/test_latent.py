@@ -97,6 +97,10 @@ def test_fine_tuning_a_pretrained_latent_model_trains_exports_and_samples(latent
     assert images.shape == (2, 16, 16, 3)
     again = Text2Image.from_pretrained(pipe.save_pretrained(str(tmp_path / "export")))
     np.testing.assert_array_equal(again.generate(["a red square", "a blue square"], num_steps=3, seed=2), images)
+    half = again.to_dtype("bfloat16")  # the U-Net, text encoder and autoencoder all in bfloat16
+    assert {x.dtype for x in jax.tree_util.tree_leaves(half.vae_params)} == {jnp.dtype(jnp.bfloat16)}
+    full = again.generate(["a red square"], num_steps=3, seed=2, output_type="float")
+    assert np.abs(half.generate(["a red square"], num_steps=3, seed=2, output_type="float") - full).mean() < 0.05
 
 
 def test_latent_configs_bad_input_one_line(latent_folder, image_folder, tmp_path, run_main, last_error_line):

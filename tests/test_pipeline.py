@@ -87,6 +87,35 @@ def test_inpainting_keeps_known_pixels(pipe, sampler):
     assert np.abs(out[:, ~keep].astype(int) - image[~keep]).mean() > 5
 
 
+def test_bfloat16_inference_halves_the_parameters_and_keeps_the_images(pipe, tmp_path):
+    """to_dtype("bfloat16"): every floating parameter in bfloat16 (half the bytes), one denoiser evaluation within
+    bfloat16's precision of float32's, sampled images close to float32's; a saved bfloat16 folder reloads as
+    bfloat16 and samples the same images exactly; bad dtypes get one line."""
+    from diffjax.pipeline import Text2Image
+
+    half = pipe.to_dtype("bfloat16")
+    for tree in (half.denoiser_params, half.text_params):
+        assert {x.dtype for x in jax.tree_util.tree_leaves(tree)} == {jnp.dtype(jnp.bfloat16)}
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
+    assert nbytes(half.denoiser_params) * 2 == nbytes(pipe.denoiser_params)
+    ids, mask = pipe.models.text_encoder.tokenize(PROMPTS)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    t = jnp.array([10, 300, 600, 900])
+    outs = []
+    for p in (pipe, half):
+        cond = p.models.text_encoder.encode(p.text_params, ids, mask, trainable=False)
+        outs.append(np.asarray(p.models.denoiser(p.denoiser_params)(x, t, cond), np.float32))
+    assert np.abs(outs[1] - outs[0]).max() <= 0.03 * np.abs(outs[0]).max()
+    full = pipe.generate(PROMPTS, seed=3, num_steps=STEPS, output_type="float")
+    images = half.generate(PROMPTS, seed=3, num_steps=STEPS, output_type="float")
+    assert images.dtype == np.float32 and np.abs(images - full).mean() < 0.05
+    again = Text2Image.from_pretrained(half.save_pretrained(str(tmp_path / "bf16")))
+    assert again.models.network_config.dtype == "bfloat16"
+    np.testing.assert_array_equal(again.generate(PROMPTS, seed=3, num_steps=STEPS, output_type="float"), images)
+    with pytest.raises(ValueError, match="must be float32, bfloat16 or float16, got int8"):
+        pipe.to_dtype("int8")
+
+
 def test_bad_input_one_line(pipe, tmp_path):
     from diffjax.pipeline import Text2Image
 
