@@ -11,9 +11,10 @@ scheduler (DPM-Solver++(2M), leading spacing) and the same work:
 
 * sampling images/s: prompts → text encoding → ``--steps`` guided U-Net steps → decoded images
   (``Text2Image.generate`` against ``StableDiffusionPipeline.__call__``);
-* train step images/s: frozen autoencoder and text encoder, U-Net forward and backward with activation
-  recomputation (remat / gradient checkpointing), AdamW (``diffjax.train.make_train_step`` through a ``Trainer``
-  against a plain PyTorch loop);
+* train step images/s: frozen float32 autoencoder and text encoder, the U-Net's forward and backward with
+  activation recomputation (remat / gradient checkpointing) computing in ``--dtype`` from float32 parameters,
+  gradient clipping, AdamW and an EMA (``diffjax.train.make_train_step`` through a ``Trainer`` against a PyTorch
+  loop doing the same under autocast);
 * memory: the diffjax train step's from XLA's memory analysis with and without remat (and on a GPU, PyTorch's
   ``max_memory_allocated``).
 
@@ -79,19 +80,26 @@ def torch_sample(pipe, args):
     return len(images)
 
 
-def torch_trainer(pipe, args, device, dtype):
-    """One PyTorch training step: latents from the frozen VAE, ε-loss of the U-Net (gradient checkpointing), AdamW."""
+def torch_trainer(directory, args, device, dtype):
+    """One PyTorch training step doing diffjax's work: latents from the frozen float32 VAE, float32 text states,
+    the U-Net's ε-loss under autocast to ``dtype`` with float32 parameters (diffjax: ``unet.dtype`` compute, float32
+    parameters), gradient checkpointing, gradient clipping, AdamW and an EMA of the parameters."""
     import torch
     import torch.nn.functional as F
+    from diffusers import StableDiffusionPipeline
 
+    pipe = StableDiffusionPipeline.from_pretrained(directory, safety_checker=None).to(device)  # float32
     unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
     unet.train()
     unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    params = [p for p in unet.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-5)
     b, r = args.train_batch, args.resolution
-    images = torch.rand(b, 3, r, r, device=device, dtype=dtype) * 2 - 1
+    images = torch.rand(b, 3, r, r, device=device) * 2 - 1
     ids = pipe.tokenizer([PROMPT] * b, padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     alphas = pipe.scheduler.alphas_cumprod.to(device)
+    autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
 
     def step():
         with torch.no_grad():
@@ -99,13 +107,17 @@ def torch_trainer(pipe, args, device, dtype):
             states = text(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (b,), device=device)
-        a = alphas[t].view(-1, 1, 1, 1).to(dtype)
+        a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(noisy, t, states).sample.float(), noise.float())
+        with autocast:
+            pred = unet(noisy, t, states).sample
+        loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - 0.9999)
         if device == "cuda":
             torch.cuda.synchronize()
         return b
@@ -127,7 +139,7 @@ def diffjax_pipeline(directory, args):
     return pipe, sample
 
 
-def diffjax_trainer(directory, args, remat=True):
+def diffjax_trainer(directory, args, remat=True, with_state=True):
     from experiments.configs import default
 
     from diffjax.train import Trainer
@@ -138,6 +150,7 @@ def diffjax_trainer(directory, args, remat=True):
     config.model.unet.dtype = args.dtype
     config.text.trainable = False
     config.diffusion.loss_weighting = "none"
+    config.diffusion.cond_drop_prob = 0.0  # as the PyTorch loop
     config.optim.learning_rate, config.optim.warmup_steps, config.optim.lr_schedule = 1e-5, 0, "constant"
     config.training.batch_size = args.train_batch
     r = args.resolution
@@ -146,9 +159,10 @@ def diffjax_trainer(directory, args, remat=True):
     ids, mask = trainer.models.text_encoder.tokenize([PROMPT] * args.train_batch)
     batch = trainer.shard_batch({"image": rng.uniform(-1, 1, (args.train_batch, r, r, 3)).astype(np.float32),
                                  "token_ids": ids, "mask": mask})
-    state = trainer.init()
-    memory = trainer.step.lower(state, batch).compile().memory_analysis()
-    holder = {"state": state}
+    memory = trainer.step.lower(trainer.restore_target(), batch).compile().memory_analysis()
+    if not with_state:
+        return None, memory
+    holder = {"state": trainer.init()}
 
     def step():
         holder["state"], metrics = trainer.step(holder["state"], batch)
@@ -184,8 +198,8 @@ def main():
         memory = {}
         if not args.skip_train:
             jx_step, memory["remat"] = diffjax_trainer(directory, args, remat=True)
-            _, memory["no remat"] = diffjax_trainer(directory, args, remat=False)
-            jobs["train"] = {"diffjax": jx_step, "diffusers": torch_trainer(ref, args, device, dtype)}
+            _, memory["no remat"] = diffjax_trainer(directory, args, remat=False, with_state=False)
+            jobs["train"] = {"diffjax": jx_step, "diffusers": torch_trainer(directory, args, device, dtype)}
         for kind in jobs.values():  # warm-up: compile, allocate
             for fn in kind.values():
                 fn()

@@ -413,6 +413,15 @@ _SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultist
              "UniPCMultistepScheduler": "dpmpp_2m"}
 
 
+# diffusers' timestep_spacing when a scheduler config has none (the class's default; "linspace" for the others).
+_DEFAULT_SPACING = {"DDIMScheduler": "leading", "DDPMScheduler": "leading", "PNDMScheduler": "leading"}
+# Schedulers diffjax samples with a near relative (PNDM's pseudo-linear multistep → DDIM, ancestral Euler and LMS →
+# Euler, UniPC → DPM-Solver++(2M)), and scheduler options diffjax's samplers do not have (with their neutral values).
+_APPROXIMATE = ("PNDMScheduler", "LMSDiscreteScheduler", "EulerAncestralDiscreteScheduler", "UniPCMultistepScheduler")
+_NOT_CARRIED = {"use_karras_sigmas": False, "clip_sample": False, "thresholding": False, "solver_order": 2,
+                "algorithm_type": "dpmsolver++"}
+
+
 def scheduler_from_diffusers(config: dict, source: str = "scheduler/scheduler_config.json") -> tuple[dict, dict]:
     """(the fields of ``factory.SchedulerConfig``, the sampling defaults) of a diffusers scheduler config.
 
@@ -432,8 +441,16 @@ def scheduler_from_diffusers(config: dict, source: str = "scheduler/scheduler_co
                   prediction_type=_PREDICTIONS[prediction])
     if schedule != "squaredcos_cap_v2":
         fields.update(beta_start=float(config.get("beta_start", 0.0001)), beta_end=float(config.get("beta_end", 0.02)))
-    sampling = dict(sampler=_SAMPLERS.get(config.get("_class_name"), "ddim"),
-                    timestep_spacing=config.get("timestep_spacing", "leading"),
+    cls = config.get("_class_name")
+    approximated = [f"{k}={config[k]!r}" for k, default in _NOT_CARRIED.items() if k in config and config[k] != default]
+    if cls not in _SAMPLERS or cls in _APPROXIMATE:
+        approximated.insert(0, f"_class_name={cls!r} (sampled with {_SAMPLERS.get(cls, 'ddim')})")
+    if approximated:
+        import logging
+
+        logging.warning("%s: not carried over: %s", source, ", ".join(approximated))
+    sampling = dict(sampler=_SAMPLERS.get(cls, "ddim"),
+                    timestep_spacing=config.get("timestep_spacing", _DEFAULT_SPACING.get(cls, "linspace")),
                     steps_offset=int(config.get("steps_offset", 0)),
                     final_alpha_cumprod=None if config.get("set_alpha_to_one", True) else "first")
     return fields, sampling
@@ -447,9 +464,10 @@ def scheduler_from_diffusers(config: dict, source: str = "scheduler/scheduler_co
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def _pipeline_directory(path_or_hub_id: str, **hub_kwargs) -> str:
+def _pipeline_directory(path_or_hub_id: str, with_params: bool = True, **hub_kwargs) -> str:
     """The local folder of a diffusers pipeline: ``path_or_hub_id`` itself, or the Hub snapshot of that model id
-    (downloaded by huggingface_hub: configs, tokenizer files and safetensors weights of the five components)."""
+    (downloaded by huggingface_hub: configs, tokenizer files and, ``with_params``, the safetensors weights of the
+    five components)."""
     path = os.path.expanduser(os.fspath(path_or_hub_id))
     if os.path.isdir(path):
         return path
@@ -457,9 +475,10 @@ def _pipeline_directory(path_or_hub_id: str, **hub_kwargs) -> str:
         raise ConversionError(f"{path_or_hub_id}: no such directory (and not a Hugging Face Hub model id)")
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
-                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors"]
+    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+    if with_params:
+        patterns += ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                     "text_encoder/model.safetensors"]
     return snapshot_download(path_or_hub_id, allow_patterns=patterns, **hub_kwargs)
 
 
@@ -474,7 +493,7 @@ def load_diffusers(path_or_hub_id: str, with_params: bool = True, **hub_kwargs):
     from diffjax.models.unet import UNet
     from diffjax.text import TextEncoder
 
-    directory = _pipeline_directory(path_or_hub_id, **hub_kwargs)
+    directory = _pipeline_directory(path_or_hub_id, with_params, **hub_kwargs)
     index_path = os.path.join(directory, "model_index.json")
     if not os.path.isfile(index_path):
         raise ConversionError(f"{directory} is not a diffusers pipeline folder (no model_index.json)")
@@ -527,7 +546,7 @@ def _vae_state(directory: str, config: VAEConfig) -> tuple[dict, VAEConfig, str]
 
 def load_diffusers_vae(path_or_hub_id: str, with_params: bool = True, **hub_kwargs):
     """(VAEConfig, numpy parameters or None) of the ``vae/`` of a diffusers pipeline folder or Hub id."""
-    directory = _pipeline_directory(path_or_hub_id, **hub_kwargs)
+    directory = _pipeline_directory(path_or_hub_id, with_params, **hub_kwargs)
     if not os.path.isdir(os.path.join(directory, "vae")):
         raise ConversionError(f"{directory} has no vae/: not a latent diffusion pipeline")
     vcfg = vae_config_from_diffusers(read_config(os.path.join(directory, "vae")),

@@ -41,7 +41,7 @@ from diffjax.models import factory
 from diffjax.text import TextEncoder
 
 FORMAT = "diffjax.Text2Image"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: transformer/ and vae/ components, sampler_options in scheduler_config.json
 INDEX = "model_index.json"
 NETWORK_CONFIG = "config.json"  # COMPONENT/config.json, COMPONENT "unet" or "transformer"
 NETWORK_PARAMS = "diffusion_params.safetensors"
@@ -322,7 +322,7 @@ def load_autoencoder(path: str, with_params: bool = True):
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(VAEConfig)})
     if unknown:
         raise ValueError(f"{os.path.join(directory, VAE, NETWORK_CONFIG)}: unknown field(s) {', '.join(unknown)}")
-    vae = AutoencoderKL(VAEConfig(**fields))
+    vae = AutoencoderKL(VAEConfig(**{**fields, "dtype": "float32", "param_dtype": "float32"}))  # frozen, float32
     if not with_params:
         return vae, None
     from safetensors.numpy import load_file
@@ -334,7 +334,33 @@ def load_autoencoder(path: str, with_params: bool = True):
     f, c = vae.config.downsample_factor, vae.config.in_channels
     abstract = jax.eval_shape(lambda k: vae.init(k, jax.numpy.zeros((1, f, f, c)))["params"], jax.random.PRNGKey(0))
     check_params(params, abstract, params_path, os.path.join(VAE, NETWORK_CONFIG))
-    return vae, params
+    return vae, _as_float32(params)
+
+
+def _float32(module):
+    """The same network computing in and holding float32 (a frozen autoencoder of a bfloat16 export)."""
+    return type(module)(module.config.replace(dtype="float32", param_dtype="float32"))
+
+
+def _as_float32(tree):
+    """Every floating leaf as float32 numpy (``jnp.issubdtype``: numpy does not count bfloat16 as floating)."""
+    floating = jax.numpy.floating
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x, np.float32) if jax.numpy.issubdtype(x.dtype, floating) else x, tree)
+
+
+def _log_ignored_schedule(config, models) -> None:
+    """A fine-tuned model keeps its own schedule and prediction type: say which config.diffusion keys differ."""
+    import logging
+
+    wanted = dataclasses.asdict(factory.scheduler_config(config.diffusion))
+    differ = [f"{k}={wanted[k]!r}" for k in ("schedule", "num_timesteps", "rescale_to_zero_snr", "prediction_type")
+              if wanted[k] != getattr(models.scheduler, k)]
+    if differ:
+        logging.warning("config.model.pretrained=%s keeps its own schedule (%s): config.diffusion.%s ignored",
+                        config.model.pretrained, ", ".join(f"{k}={getattr(models.scheduler, k)!r}" for k in (
+                            "schedule", "num_timesteps", "rescale_to_zero_snr", "prediction_type")),
+                        ", config.diffusion.".join(differ))
 
 
 # The fields of a network config that change how it computes, not its parameters: with config.model.pretrained
@@ -351,12 +377,16 @@ def build(config, with_params: bool = True) -> tuple[factory.Models, dict]:
     mc = config.model
     if mc.get("pretrained"):
         models, params, _, _ = load_any(mc.pretrained, with_params)
-        # The architecture is the folder's; how it computes (dtype, remat, ...) is the config's.
+        _log_ignored_schedule(config, models)
+        # The architecture is the folder's; how it computes (dtype, remat, ...) is the config's. Parameters are
+        # trained in float32 whatever the folder holds (a bfloat16 export's would lose most small updates).
         section = mc.get(models.name, {})
         runtime = {k: section[k] for k in RUNTIME_FIELDS if k in section}
-        network = type(models.network)(models.network_config.replace(**runtime))
-        encoder = models.text_encoder.replace(trainable=config.text.trainable)
-        return dataclasses.replace(models, network=network, text_encoder=encoder), params
+        network = type(models.network)(models.network_config.replace(**runtime, param_dtype="float32"))
+        encoder = models.text_encoder.replace(trainable=config.text.trainable, dtype=jax.numpy.float32)
+        vae = None if models.autoencoder is None else _float32(models.autoencoder)
+        return (dataclasses.replace(models, network=network, text_encoder=encoder, autoencoder=vae),
+                _as_float32(params))
     models, text_params = factory.build_models(config, with_text_params=with_params)
     params = {"text": text_params} if with_params else {}
     if mc.get("autoencoder"):

@@ -98,30 +98,33 @@ class Text2Image:
         """The same pipeline with its parameters stored and its networks computing in ``dtype`` (``"bfloat16"``:
         half the parameter memory and the accelerators' fast matmuls; ``"float32"`` back). What stays float32:
         the noise schedule, the sampler's update arithmetic (the network's output is promoted), GroupNorm
-        statistics and the final clipping. The compiled programs are not shared (they depend on the dtype)."""
+        statistics and the final clipping; with ``"float16"`` also the autoencoder (Stable Diffusion's overflows
+        in float16, which is why diffusers upcasts it). The compiled programs are not shared (they depend on the
+        dtype)."""
         import dataclasses
 
         from diffjax.models.unet import canonical_dtype
 
         name = canonical_dtype(dtype, "dtype")
+        vae_name = "float32" if name == "float16" else name
         models = self.models
 
-        def recompute(module):
-            return type(module)(module.config.replace(dtype=name, param_dtype=name))
+        def recompute(module, to):
+            return type(module)(module.config.replace(dtype=to, param_dtype=to))
 
         models = dataclasses.replace(
-            models, network=recompute(models.network),
+            models, network=recompute(models.network, name),
             text_encoder=models.text_encoder.replace(dtype=jnp.dtype(name)),
-            autoencoder=None if models.autoencoder is None else recompute(models.autoencoder))
+            autoencoder=None if models.autoencoder is None else recompute(models.autoencoder, vae_name))
 
-        def cast(tree):
+        def cast(tree, to):
             return jax.tree_util.tree_map(
-                lambda x: x.astype(name) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+                lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
         other = copy.copy(self)
         other.models = models
-        other.denoiser_params, other.text_params = cast(self.denoiser_params), cast(self.text_params)
-        other.vae_params = None if self.vae_params is None else cast(self.vae_params)
+        other.denoiser_params, other.text_params = cast(self.denoiser_params, name), cast(self.text_params, name)
+        other.vae_params = None if self.vae_params is None else cast(self.vae_params, vae_name)
         other._compiled = {}
         return other
 
@@ -192,8 +195,10 @@ class Text2Image:
         models, params, image_shape, defaults = model_folder.load(directory, lambda tree: _with_shardings(tree, mesh))
         pipe = cls(models, params[models.component], params["text"], image_shape, mesh=mesh,
                    vae_params=params.get("vae"), **defaults)
-        dtype = dtype or models.network_config.param_dtype
-        return pipe if dtype == "float32" and models.network_config.param_dtype == "float32" else pipe.to_dtype(dtype)
+        if dtype is not None:
+            return pipe.to_dtype(dtype)
+        saved = models.network_config.param_dtype  # a folder saved after to_dtype: every network in its dtype
+        return pipe if saved == "float32" else pipe.to_dtype(saved)
 
     @classmethod
     def from_diffusers(cls, path_or_hub_id: str, mesh=None, dtype=None, **hub_kwargs) -> "Text2Image":
@@ -386,8 +391,11 @@ class Text2Image:
                     return jnp.where(z_fill, x, sc * z0 + sg * eps)
 
                 extra = dict(post_step=post_step)
-            out = samplers.sample(model, x_T, models.schedule, sampler, num_steps, rng=sampler_rng,
-                                  prediction_type=self.prediction_type, **opts, **extra)
+            if kind == "img2img" and start_step == num_steps:  # strength < 1/N: no step to take
+                out = z0
+            else:
+                out = samplers.sample(model, x_T, models.schedule, sampler, num_steps, rng=sampler_rng,
+                                      prediction_type=self.prediction_type, **opts, **extra)
             if vae is None:
                 return jnp.clip(out, -1.0, 1.0)
             if latent_out:

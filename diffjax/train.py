@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from diffjax import losses, model_folder, sharding
@@ -309,7 +310,12 @@ class Trainer:
         return init_state(self.models, self.image_shape, external, self.tx, rng)
 
     def init(self, seed: Optional[int] = None) -> TrainState:
-        return self._init(jax.random.PRNGKey(self.config.seed if seed is None else seed), self._external)
+        # Pretrained parameters go to the devices already in the state's layout (by the same shape rule), so a
+        # large model is never copied whole onto every device.
+        external = jax.tree_util.tree_map(
+            lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda index: np.asarray(x)[index]),
+            self._external, sharding.state_shardings(self.mesh, self._external))
+        return self._init(jax.random.PRNGKey(self.config.seed if seed is None else seed), external)
 
     def shard_batch(self, local_batch: dict) -> dict:
         """This process's numpy batch → global arrays sharded over the mesh (only the model inputs)."""

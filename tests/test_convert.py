@@ -280,3 +280,17 @@ def test_fine_tuning_starts_from_the_converted_weights(tmp_path):
     state, metrics = trainer.step(state, batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     assert not np.array_equal(flat(state.params["unet"]), flat(converted["unet"]))
+
+
+def test_scheduler_defaults_follow_the_diffusers_class(caplog):
+    """A scheduler config without timestep_spacing gets its class's default (leading for DDIM, DDPM and PNDM,
+    linspace for the others); what diffjax does not carry over is named in a warning."""
+    base = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for cls, spacing, sampler in [("DDIMScheduler", "leading", "ddim"), ("PNDMScheduler", "leading", "ddim"),
+                                  ("DPMSolverMultistepScheduler", "linspace", "dpmpp_2m"),
+                                  ("EulerDiscreteScheduler", "linspace", "euler")]:
+        _, sampling = convert.scheduler_from_diffusers(dict(base, _class_name=cls))
+        assert (sampling["timestep_spacing"], sampling["sampler"]) == (spacing, sampler), cls
+    with caplog.at_level("WARNING"):
+        convert.scheduler_from_diffusers(dict(base, _class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True))
+    assert "use_karras_sigmas=True" in caplog.text

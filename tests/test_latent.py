@@ -101,6 +101,27 @@ def test_fine_tuning_a_pretrained_latent_model_trains_exports_and_samples(latent
     assert {x.dtype for x in jax.tree_util.tree_leaves(half.vae_params)} == {jnp.dtype(jnp.bfloat16)}
     full = again.generate(["a red square"], num_steps=3, seed=2, output_type="float")
     assert np.abs(half.generate(["a red square"], num_steps=3, seed=2, output_type="float") - full).mean() < 0.05
+    dtypes = lambda tree: {x.dtype for x in jax.tree_util.tree_leaves(tree)}  # noqa: E731
+    assert dtypes(again.to_dtype("float16").vae_params) == {jnp.dtype(jnp.float32)}  # SD's VAE overflows in fp16
+    # img2img with a strength below one step: nothing to sample, the image's latents (the posterior mean)
+    from diffjax.models.autoencoder import encode_latents
+
+    x0 = np.linspace(-1, 1, 16 * 16 * 3, dtype=np.float32).reshape(1, 16, 16, 3)
+    latents = again.img2img(["a red square"], x0, strength=0.1, num_steps=3, output_type="latent")
+    np.testing.assert_allclose(latents, encode_latents(again.models.autoencoder, again.vae_params, x0), atol=1e-5)
+
+
+def test_fine_tuning_a_bfloat16_folder_trains_float32_parameters(latent_folder, image_folder, tmp_path):
+    """A folder exported in bfloat16 fine-tunes with float32 parameters (and float32 Adam moments): bfloat16's
+    8-bit mantissa would round most small updates away."""
+    from diffjax import model_folder
+    from diffjax.pipeline import Text2Image
+
+    half = Text2Image.from_pretrained(latent_folder, dtype="bfloat16").save_pretrained(str(tmp_path / "bf16"))
+    models, params = model_folder.build(_config(image_folder, tmp_path, pretrained=half))
+    assert models.network_config.param_dtype == "float32" and models.autoencoder.config.param_dtype == "float32"
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype(np.float32)}
+    assert models.network_config.dtype == "float32"  # the config's compute dtype, not the folder's
 
 
 def test_latent_configs_bad_input_one_line(latent_folder, image_folder, tmp_path, run_main, last_error_line):

@@ -112,6 +112,9 @@ def test_bfloat16_inference_halves_the_parameters_and_keeps_the_images(pipe, tmp
     again = Text2Image.from_pretrained(half.save_pretrained(str(tmp_path / "bf16")))
     assert again.models.network_config.dtype == "bfloat16"
     np.testing.assert_array_equal(again.generate(PROMPTS, seed=3, num_steps=STEPS, output_type="float"), images)
+    as_float32 = Text2Image.from_pretrained(str(tmp_path / "bf16"), dtype="float32")
+    assert as_float32.models.network_config.dtype == "float32"
+    assert {x.dtype for x in jax.tree_util.tree_leaves(as_float32.denoiser_params)} == {jnp.dtype(jnp.float32)}
     with pytest.raises(ValueError, match="must be float32, bfloat16 or float16, got int8"):
         pipe.to_dtype("int8")
 

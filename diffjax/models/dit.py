@@ -219,9 +219,9 @@ def _modulate(x: Array, shift: Array, scale: Array) -> Array:
     return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
 
 
-def _layer_norm(eps: float, affine: bool, name: str, dtype) -> nn.LayerNorm:
+def _layer_norm(eps: float, affine: bool, name: str, dtype, param_dtype=jnp.float32) -> nn.LayerNorm:
     """LayerNorm with float32 statistics (Flax computes them in float32 for low-precision inputs)."""
-    return nn.LayerNorm(eps, use_bias=affine, use_scale=affine, dtype=dtype, name=name)
+    return nn.LayerNorm(eps, use_bias=affine, use_scale=affine, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class DiTBlock(nn.Module):
@@ -258,7 +258,7 @@ class DiTBlock(nn.Module):
         h = _modulate(_layer_norm(self.norm_eps, False, "norm1", self.dtype)(x), shift1, scale1)
         x = x + gate1[:, None, :] * Attention(qkv_bias=True, name="self_attn", **attn)(h)
         if self.context_dim is not None and (context is not None or self.is_initializing()):
-            h = _layer_norm(self.norm_eps, True, "norm_cross", self.dtype)(x)
+            h = _layer_norm(self.norm_eps, True, "norm_cross", self.dtype, self.param_dtype)(x)
             if context is None:  # initialising without text: create the parameters, add nothing
                 Attention(qkv_bias=True, zero_out=True, name="cross_attn", **attn)(
                     h, jnp.zeros((x.shape[0], 1, self.context_dim), self.dtype))
