@@ -24,6 +24,7 @@ def get_config():
     config.data.random_flip = True
     config.data.train_split = "train[2%:]"
     config.data.eval_split = "train[:2%]"
+    config.diffusion.schedule = "scaled_linear"  # the model's own (SD 1.x); a pretrained model keeps its schedule
     config.diffusion.loss_weighting = "none"  # Stable Diffusion's own objective: the plain ε (or v) loss
     config.diffusion.cond_drop_prob = 0.1
     config.optim.learning_rate = 1e-5
