@@ -158,10 +158,12 @@ def _validate(model_fn, x_T, schedule, num_steps, prediction_type):
 PostStepFn = Optional[Callable[[Array, Array, Array, Array], Array]]
 
 
-def _initial_state(x_T: Array, x0_init: Optional[Array], start_step: int, start_level, default_scale=1.0) -> Array:
+def _initial_state(x_T: Array, x0_init: Optional[Array], start_step: int, start_level, num_steps: int,
+                   default_scale=1.0) -> Array:
     """The state a sampler starts from. From the first step: ``default_scale · x_T`` (x_T standard normal).
     From step k > 0 (SDEdit, Meng et al. 2022): ``x0_init`` forward-noised to the level of step k in the
-    sampler's own state space, ``scale · x0_init + σ · x_T`` with (scale, σ) = ``start_level(k)``."""
+    sampler's own state space, ``scale · x0_init + σ · x_T`` with (scale, σ) = ``start_level(k)``; from step
+    k = ``num_steps`` (no step left to take): ``x0_init`` itself."""
     x_T = jnp.asarray(x_T, jnp.float32)
     if start_step == 0:
         return x_T * default_scale
@@ -169,6 +171,8 @@ def _initial_state(x_T: Array, x0_init: Optional[Array], start_step: int, start_
         raise ValueError(f"start_step={start_step} needs x0_init, the image to start from")
     if jnp.shape(x0_init) != x_T.shape:
         raise ValueError(f"x0_init has shape {jnp.shape(x0_init)}, x_T has shape {x_T.shape}")
+    if start_step == num_steps:
+        return jnp.asarray(x0_init, jnp.float32)
     scale, sigma = start_level(start_step)
     return scale * jnp.asarray(x0_init, jnp.float32) + sigma * x_T
 
@@ -284,7 +288,8 @@ def ddpm(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int,
         return ddpm_step(schedule, x, out, t, t_prev, noise, prediction_type=prediction_type,
                          variance_type=variance_type, denoised_fn=denoised_fn)
 
-    x = _initial_state(x_T, x0_init, start_step, lambda k: _vp_levels(_alphas_cumprod_at(schedule, ts[k])))
+    x = _initial_state(x_T, x0_init, start_step, lambda k: _vp_levels(_alphas_cumprod_at(schedule, ts[k])),
+                       num_steps)
     return _run_steps(body, x, xs, _vp_levels(_alphas_cumprod_at(schedule, prev)), start_step, post_step)
 
 
@@ -343,7 +348,8 @@ def ddim(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int,
         return ddim_step(schedule, x, out, t, t_prev, noise, eta, prediction_type=prediction_type,
                          denoised_fn=denoised_fn, final_alpha_cumprod=final_alpha_cumprod)
 
-    x = _initial_state(x_T, x0_init, start_step, lambda k: _vp_levels(_alphas_cumprod_at(schedule, ts[k])))
+    x = _initial_state(x_T, x0_init, start_step, lambda k: _vp_levels(_alphas_cumprod_at(schedule, ts[k])),
+                       num_steps)
     levels = _vp_levels(_alphas_cumprod_at(schedule, prev, final_alpha_cumprod))
     return _run_steps(body, x, xs, levels, start_step, post_step)
 
@@ -440,7 +446,7 @@ def dpmpp_2m(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: 
         alpha, s_vp, _ = _vp_from_ve(jnp.asarray(sigma, jnp.float32))
         return alpha, s_vp
 
-    x = _initial_state(x_T, x0_init, start_step, lambda k: vp_level(sigmas[k]))
+    x = _initial_state(x_T, x0_init, start_step, lambda k: vp_level(sigmas[k]), num_steps)
     x, _ = _run_steps(body, (x, jnp.zeros_like(x)), xs, vp_level(sigmas[1:]), start_step, post_step)
     return x
 
@@ -514,7 +520,8 @@ def euler(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int
         t, s, s_next = step
         return _euler_step(x, denoise(x, s, t), s, s_next)
 
-    x = _initial_state(x_T, x0_init, start_step, lambda k: (1.0, sigmas[k]), _init_sigma(sigmas, timestep_spacing))
+    x = _initial_state(x_T, x0_init, start_step, lambda k: (1.0, sigmas[k]), num_steps,
+                       _init_sigma(sigmas, timestep_spacing))
     return _run_steps(body, x, xs, (np.ones(num_steps), sigmas[1:]), start_step, post_step)
 
 
@@ -549,7 +556,8 @@ def heun(model_fn: ModelFn, x_T: Array, schedule: NoiseSchedule, num_steps: int,
 
         return jax.lax.cond(s_next > 0, correct, lambda x_e: x_e, x_euler)
 
-    x = _initial_state(x_T, x0_init, start_step, lambda k: (1.0, sigmas[k]), _init_sigma(sigmas, timestep_spacing))
+    x = _initial_state(x_T, x0_init, start_step, lambda k: (1.0, sigmas[k]), num_steps,
+                       _init_sigma(sigmas, timestep_spacing))
     return _run_steps(body, x, xs, (np.ones(num_steps), sigmas[1:]), start_step, post_step)
 
 

@@ -55,6 +55,19 @@ def test_oracle_recovers_x0(name, pt):
     np.testing.assert_allclose(out, X0, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_start_step_at_num_steps_returns_x0_init(name):
+    """SDEdit with no step left to take (strength below 1/N): every sampler returns x0_init itself, the model
+    never called."""
+
+    def never_called(x_t, t):
+        raise AssertionError("the model was called")
+
+    x_T = jax.random.normal(jax.random.key(0), SHAPE)
+    out = samplers.sample(never_called, x_T, SCHED, name, 10, rng=jax.random.key(1), start_step=10, x0_init=X0)
+    np.testing.assert_array_equal(out, X0)
+
+
 @pytest.mark.parametrize("name,order", [("ddim", 1), ("euler", 1), ("dpmpp_2m", 2), ("heun", 2), ("ddpm", 1)])
 def test_samples_converge_to_gaussian_data_distribution(name, order):
     """With the exact denoiser of x0 ~ N(mu, std²), the samples' std converges to std as the step count grows,
