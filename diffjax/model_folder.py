@@ -334,32 +334,19 @@ def load_autoencoder(path: str, with_params: bool = True):
     f, c = vae.config.downsample_factor, vae.config.in_channels
     abstract = jax.eval_shape(lambda k: vae.init(k, jax.numpy.zeros((1, f, f, c)))["params"], jax.random.PRNGKey(0))
     check_params(params, abstract, params_path, os.path.join(VAE, NETWORK_CONFIG))
-    return vae, _as_float32(params)
-
-
-def _float32(module):
-    """The same network computing in and holding float32 (a frozen autoencoder of a bfloat16 export)."""
-    return type(module)(module.config.replace(dtype="float32", param_dtype="float32"))
-
-
-def _as_float32(tree):
-    """Every floating leaf as float32 numpy (``jnp.issubdtype``: numpy does not count bfloat16 as floating)."""
-    floating = jax.numpy.floating
-    return jax.tree_util.tree_map(
-        lambda x: np.asarray(x, np.float32) if jax.numpy.issubdtype(x.dtype, floating) else x, tree)
+    return vae, factory.cast_floating(params, "float32")
 
 
 def _log_ignored_schedule(config, models) -> None:
     """A fine-tuned model keeps its own schedule and prediction type: say which config.diffusion keys differ."""
     import logging
 
+    keys = ("schedule", "num_timesteps", "rescale_to_zero_snr", "prediction_type")
     wanted = dataclasses.asdict(factory.scheduler_config(config.diffusion))
-    differ = [f"{k}={wanted[k]!r}" for k in ("schedule", "num_timesteps", "rescale_to_zero_snr", "prediction_type")
-              if wanted[k] != getattr(models.scheduler, k)]
+    differ = [f"{k}={wanted[k]!r}" for k in keys if wanted[k] != getattr(models.scheduler, k)]
     if differ:
         logging.warning("config.model.pretrained=%s keeps its own schedule (%s): config.diffusion.%s ignored",
-                        config.model.pretrained, ", ".join(f"{k}={getattr(models.scheduler, k)!r}" for k in (
-                            "schedule", "num_timesteps", "rescale_to_zero_snr", "prediction_type")),
+                        config.model.pretrained, ", ".join(f"{k}={getattr(models.scheduler, k)!r}" for k in keys),
                         ", config.diffusion.".join(differ))
 
 
@@ -384,9 +371,9 @@ def build(config, with_params: bool = True) -> tuple[factory.Models, dict]:
         runtime = {k: section[k] for k in RUNTIME_FIELDS if k in section}
         network = type(models.network)(models.network_config.replace(**runtime, param_dtype="float32"))
         encoder = models.text_encoder.replace(trainable=config.text.trainable, dtype=jax.numpy.float32)
-        vae = None if models.autoencoder is None else _float32(models.autoencoder)
+        vae = None if models.autoencoder is None else factory.in_dtype(models.autoencoder, "float32")
         return (dataclasses.replace(models, network=network, text_encoder=encoder, autoencoder=vae),
-                _as_float32(params))
+                factory.cast_floating(params, "float32"))
     models, text_params = factory.build_models(config, with_text_params=with_params)
     params = {"text": text_params} if with_params else {}
     if mc.get("autoencoder"):

@@ -103,28 +103,21 @@ class Text2Image:
         dtype)."""
         import dataclasses
 
+        from diffjax.models.factory import cast_floating, in_dtype
         from diffjax.models.unet import canonical_dtype
 
         name = canonical_dtype(dtype, "dtype")
         vae_name = "float32" if name == "float16" else name
         models = self.models
-
-        def recompute(module, to):
-            return type(module)(module.config.replace(dtype=to, param_dtype=to))
-
         models = dataclasses.replace(
-            models, network=recompute(models.network, name),
+            models, network=in_dtype(models.network, name),
             text_encoder=models.text_encoder.replace(dtype=jnp.dtype(name)),
-            autoencoder=None if models.autoencoder is None else recompute(models.autoencoder, vae_name))
-
-        def cast(tree, to):
-            return jax.tree_util.tree_map(
-                lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
+            autoencoder=None if models.autoencoder is None else in_dtype(models.autoencoder, vae_name))
         other = copy.copy(self)
         other.models = models
-        other.denoiser_params, other.text_params = cast(self.denoiser_params, name), cast(self.text_params, name)
-        other.vae_params = None if self.vae_params is None else cast(self.vae_params, vae_name)
+        other.denoiser_params = cast_floating(self.denoiser_params, name)
+        other.text_params = cast_floating(self.text_params, name)
+        other.vae_params = None if self.vae_params is None else cast_floating(self.vae_params, vae_name)
         other._compiled = {}
         return other
 
@@ -391,11 +384,8 @@ class Text2Image:
                     return jnp.where(z_fill, x, sc * z0 + sg * eps)
 
                 extra = dict(post_step=post_step)
-            if kind == "img2img" and start_step == num_steps:  # strength < 1/N: no step to take
-                out = z0
-            else:
-                out = samplers.sample(model, x_T, models.schedule, sampler, num_steps, rng=sampler_rng,
-                                      prediction_type=self.prediction_type, **opts, **extra)
+            out = samplers.sample(model, x_T, models.schedule, sampler, num_steps, rng=sampler_rng,
+                                  prediction_type=self.prediction_type, **opts, **extra)
             if vae is None:
                 return jnp.clip(out, -1.0, 1.0)
             if latent_out:

@@ -312,9 +312,10 @@ class Trainer:
     def init(self, seed: Optional[int] = None) -> TrainState:
         # Pretrained parameters go to the devices already in the state's layout (by the same shape rule), so a
         # large model is never copied whole onto every device.
+        host = jax.tree_util.tree_map(np.asarray, self._external)  # one host copy, sliced per device
         external = jax.tree_util.tree_map(
-            lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda index: np.asarray(x)[index]),
-            self._external, sharding.state_shardings(self.mesh, self._external))
+            lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]),
+            host, sharding.state_shardings(self.mesh, host))
         return self._init(jax.random.PRNGKey(self.config.seed if seed is None else seed), external)
 
     def shard_batch(self, local_batch: dict) -> dict:

@@ -178,6 +178,19 @@ class Models:
         return jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
+def in_dtype(network, dtype: str, param_dtype: Optional[str] = None):
+    """The same network (U-Net, DiT or autoencoder) computing in ``dtype``, its parameters in ``param_dtype``
+    (default: ``dtype``)."""
+    return type(network)(network.config.replace(dtype=dtype, param_dtype=param_dtype or dtype))
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """Every floating leaf of ``tree`` (numpy or jax arrays) as ``dtype``, the other leaves as they are
+    (``jnp.issubdtype``: numpy does not count bfloat16 as floating)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Experiment config → Models.
 # ------------------------------------------------------------------------------------------------------
