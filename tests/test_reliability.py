@@ -481,8 +481,12 @@ def test_disk_full_at_save_time_and_a_read_only_workdir(trainer, fake_config, tm
     line = last_error_line(proc)
     assert proc.returncode == 2 and line.startswith(f"error: saving a checkpoint in {workdir / 'checkpoints'} failed"), (
         proc.returncode, proc.stderr[-3000:])
-    assert line.endswith("the last complete checkpoint (step 2) is intact"), line
-    assert 2 in _restore_all(trainer, str(workdir)), os.listdir(workdir / "checkpoints")
+    # Which save runs out of room depends on how well each checkpoint compresses (step 4's may still fit): the
+    # line must name the newest complete checkpoint on disk, and that one must restore.
+    named = re.search(r"the last complete checkpoint \(step (\d+)\) is intact$", line)
+    complete = sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert named and complete and int(named.group(1)) == complete[-1] < 8, (line, complete)
+    assert complete[-1] in _restore_all(trainer, str(workdir)), os.listdir(workdir / "checkpoints")
     read_only = small_filesystem(64, read_only=True)
     proc = run_main([f"--workdir={read_only / 'run'}", *flags])
     assert proc.returncode == 2 and "Read-only file system" in last_error_line(proc), proc.stderr[-3000:]
