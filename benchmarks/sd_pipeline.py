@@ -16,7 +16,10 @@ scheduler (DPM-Solver++(2M), leading spacing) and the same work:
   gradient clipping, AdamW and an EMA (``diffjax.train.make_train_step`` through a ``Trainer`` against a PyTorch
   loop doing the same under autocast);
 * memory: the diffjax train step's from XLA's memory analysis with and without remat (and on a GPU, PyTorch's
-  ``max_memory_allocated``).
+  ``max_memory_allocated``);
+* diffjax alone: the same train step on latents precomputed into the dataset (``data.precompute_latents``: the
+  batch carries the autoencoder's posterior moments, the step draws a latent from them and does not encode),
+  as a ratio to encoding in the step.
 
 Rounds alternate between the frameworks after a warm-up; medians; ratios are diffjax / diffusers.
 """
@@ -139,7 +142,7 @@ def diffjax_pipeline(directory, args):
     return pipe, sample
 
 
-def diffjax_trainer(directory, args, remat=True, with_state=True):
+def diffjax_trainer(directory, args, remat=True, with_state=True, precomputed=False):
     from experiments.configs import default
 
     from diffjax.train import Trainer
@@ -157,8 +160,14 @@ def diffjax_trainer(directory, args, remat=True, with_state=True):
     trainer = Trainer(config, image_shape=(r, r, 3))
     rng = np.random.default_rng(0)
     ids, mask = trainer.models.text_encoder.tokenize([PROMPT] * args.train_batch)
-    batch = trainer.shard_batch({"image": rng.uniform(-1, 1, (args.train_batch, r, r, 3)).astype(np.float32),
-                                 "token_ids": ids, "mask": mask})
+    images = rng.uniform(-1, 1, (args.train_batch, r, r, 3)).astype(np.float32)
+    if precomputed:  # what data.precompute_latents reads from the dataset: the posterior moments
+        vae = trainer.models.autoencoder
+        posterior = vae.apply({"params": trainer.init().frozen["vae"]}, images, method=vae.encode)
+        batch = trainer.shard_batch({"latent_mean": np.asarray(posterior.mean),
+                                     "latent_logvar": np.asarray(posterior.logvar), "token_ids": ids, "mask": mask})
+    else:
+        batch = trainer.shard_batch({"image": images, "token_ids": ids, "mask": mask})
     memory = trainer.step.lower(trainer.restore_target(), batch).compile().memory_analysis()
     if not with_state:
         return None, memory
@@ -200,6 +209,9 @@ def main():
             jx_step, memory["remat"] = diffjax_trainer(directory, args, remat=True)
             _, memory["no remat"] = diffjax_trainer(directory, args, remat=False, with_state=False)
             jobs["train"] = {"diffjax": jx_step, "diffusers": torch_trainer(directory, args, device, dtype)}
+            jx_latent_step, memory["remat, precomputed latents"] = diffjax_trainer(directory, args, remat=True,
+                                                                                   precomputed=True)
+            jobs["precomputed"] = {"diffjax": jx_latent_step}
         for kind in jobs.values():  # warm-up: compile, allocate
             for fn in kind.values():
                 fn()
@@ -216,6 +228,11 @@ def main():
               f"{args.resolution}x{args.resolution} px, {args.dtype}; medians of {args.rounds} rounds")
         for kind, per in results.items():
             med = {f: statistics.median(v) for f, v in per.items()}
+            if kind == "precomputed":
+                encoding = statistics.median(results["train"]["diffjax"])
+                print(f"train step on precomputed latents (diffjax): {med['diffjax']:.3f} images/s, "
+                      f"{med['diffjax'] / encoding:.2f}x encoding in the step")
+                continue
             what = (f"sampling ({args.steps} DPM-Solver++ steps, guidance 7.5, batch {args.sample_batch})"
                     if kind == "sample" else f"train step (remat, AdamW, batch {args.train_batch})")
             print(f"{what}: diffjax {med['diffjax']:.3f} images/s, diffusers {med['diffusers']:.3f} images/s, "

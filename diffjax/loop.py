@@ -312,7 +312,7 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
     lead = jax.process_index() == 0
     enc = trainer.models.text_encoder
     data_kw = dict(global_batch_size=tc.batch_size, process_index=jax.process_index(),
-                   process_count=jax.process_count())
+                   process_count=jax.process_count(), latent_encoder=trainer.latent_encoder())
     train_it = make_dataset(cfg.data, enc, split=cfg.data.train_split, seed=cfg.seed, **data_kw)
     restored = restore_latest(ckpt, trainer.restore_target(), workdir, tc.on_corrupt_checkpoint)
     if restored is not None:

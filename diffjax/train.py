@@ -9,8 +9,9 @@ timestep, the noise and the condition dropout of an example do not depend on how
 devices, so 1 device, 8 devices, data × fsdp and pmap all compute the same update (the tests check this).
 
 Per step (Ho et al. 2020, Algorithm 1, with the text conditioning of Rombach et al. 2022):
-  0. for a latent model, the images are encoded by the frozen autoencoder and a latent is drawn from its
-     posterior, scaled (Rombach et al. 2022, §3): the diffusion runs on z = (E(x) - shift) · scaling;
+  0. for a latent model, the images are encoded by the frozen autoencoder (or its posterior moments come
+     precomputed with the batch, ``data.precompute_latents``) and a latent is drawn from its posterior, scaled
+     (Rombach et al. 2022, §3): the diffusion runs on z = (E(x) - shift) · scaling;
   1. token ids of a fraction ``cond_drop_prob`` of the examples are replaced by the empty prompt's
      (classifier-free guidance, Ho & Salimans 2021);
   2. the text encoder (frozen: under stop_gradient and outside the optimizer; or trained jointly) gives the
@@ -34,7 +35,7 @@ import optax
 
 from diffjax import losses, model_folder, sharding
 from diffjax.checkpoints import abstract_with_shardings
-from diffjax.models.autoencoder import encode_latents
+from diffjax.models.autoencoder import DiagonalGaussian, encode_latents, scale_latents
 from diffjax.models.factory import Models
 
 Array = jax.Array
@@ -172,12 +173,25 @@ def _per_example_randomness(step_key: Array, index: Array, shape, num_timesteps:
     return jax.vmap(one)(index)
 
 
-def diffusion_inputs(models: Models, frozen: dict, images: Array, posterior_noise: Optional[Array] = None) -> Array:
-    """What the diffusion runs on: the images, or for a latent model their scaled latents, drawn from the frozen
-    autoencoder's posterior with ``posterior_noise`` (its mean without), under a stop-gradient."""
+def diffusion_shape(models: Models, batch: dict) -> tuple[int, ...]:
+    """The shape of one example the diffusion runs on: the image's, or its latent's."""
+    if "latent_mean" in batch:
+        return tuple(batch["latent_mean"].shape[1:])
+    return tuple(models.latent_shape(batch["image"].shape[1:]))
+
+
+def diffusion_inputs(models: Models, frozen: dict, batch: dict, posterior_noise: Optional[Array] = None) -> Array:
+    """What the diffusion runs on: the batch's images, or for a latent model their scaled latents, drawn from the
+    frozen autoencoder's posterior with ``posterior_noise`` (its mean without), under a stop-gradient. The
+    posterior's moments are the batch's when precomputed (``latent_mean``, ``latent_logvar``), else the
+    autoencoder encodes the images here."""
     if models.autoencoder is None:
-        return images
-    return jax.lax.stop_gradient(encode_latents(models.autoencoder, frozen["vae"], images, noise=posterior_noise))
+        return batch["image"]
+    if "latent_mean" in batch:
+        posterior = DiagonalGaussian(batch["latent_mean"].astype(jnp.float32), batch["latent_logvar"].astype(jnp.float32))
+        return scale_latents(models.autoencoder.config, posterior, posterior_noise)
+    return jax.lax.stop_gradient(encode_latents(models.autoencoder, frozen["vae"], batch["image"],
+                                                noise=posterior_noise))
 
 
 def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax.GradientTransformation,
@@ -197,17 +211,16 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
     spike_sigma = float(config.training.loss_spike_sigma)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        images = batch["image"]
-        b = images.shape[0]
+        b = batch["token_ids"].shape[0]
         step_key, dropout_key, next_rng = jax.random.split(state.rng, 3)
         offset = 0
         if axis_name is not None:
             offset = jax.lax.axis_index(axis_name) * b
             dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
         t, noise, drop, z_noise = _per_example_randomness(step_key, offset + jnp.arange(b),
-                                                          models.latent_shape(images.shape[1:]),
+                                                          diffusion_shape(models, batch),
                                                           models.schedule.num_timesteps, dc.cond_drop_prob)
-        x0 = diffusion_inputs(models, state.frozen, images, z_noise)
+        x0 = diffusion_inputs(models, state.frozen, batch, z_noise)
         ids, mask = losses.select_condition(drop, (batch["token_ids"], batch["mask"]), (uncond_ids, uncond_mask))
 
         def loss_fn(params):
@@ -247,11 +260,9 @@ def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callabl
     dc = config.diffusion
 
     def eval_step(state: TrainState, batch: dict, key: Array) -> Array:
-        images = batch["image"]
-        t, noise, _, _ = _per_example_randomness(key, jnp.arange(images.shape[0]),
-                                                 models.latent_shape(images.shape[1:]),
-                                                 models.schedule.num_timesteps, 0.0)
-        x0 = diffusion_inputs(models, state.frozen, images)
+        t, noise, _, _ = _per_example_randomness(key, jnp.arange(batch["token_ids"].shape[0]),
+                                                 diffusion_shape(models, batch), models.schedule.num_timesteps, 0.0)
+        x0 = diffusion_inputs(models, state.frozen, batch)
         cond = models.text_encoder.encode(state.text_params(ema=True), batch["token_ids"], batch["mask"],
                                           trainable=False)
         model_fn = models.denoiser(state.ema_params[models.component], with_variance=True)
@@ -287,11 +298,15 @@ class Trainer:
         self.mesh = sharding.create_mesh(config.sharding.fsdp) if mesh is None else mesh
         sharding.check_batch_size(config.training.batch_size, self.mesh)
         self.models, self._external = model_folder.build(config)
+        if config.data.get("precompute_latents") and self.models.autoencoder is None:
+            raise ValueError("data.precompute_latents stores an autoencoder's latents, but this model has none: set "
+                             "config.model.autoencoder (or fine-tune a pretrained latent model)")
         f = self.models.size_multiple
         if self.image_shape[0] % f or self.image_shape[1] % f or self.image_shape[2] != self.models.image_channels:
             raise ValueError(f"images of shape {self.image_shape} do not fit the model: height and width must be "
                              f"multiples of {f}, and it takes {self.models.image_channels} channels")
         self.tx, self.lr_schedule = make_optimizer(config)
+        self._latent_encoder = None
         uncond_ids, uncond_mask = self.models.text_encoder.tokenize([""])
         self.uncond = (jnp.asarray(uncond_ids), jnp.asarray(uncond_mask))
         step_fn = make_train_step(config, self.models, self.tx, self.lr_schedule, *self.uncond)
@@ -320,8 +335,19 @@ class Trainer:
 
     def shard_batch(self, local_batch: dict) -> dict:
         """This process's numpy batch → global arrays sharded over the mesh (only the model inputs)."""
-        keys = ("image", "token_ids", "mask")
-        return sharding.global_batch(self.mesh, {k: local_batch[k] for k in keys})
+        keys = ("image", "latent_mean", "latent_logvar", "token_ids", "mask")
+        return sharding.global_batch(self.mesh, {k: local_batch[k] for k in keys if k in local_batch})
+
+    def latent_encoder(self):
+        """The frozen autoencoder for precomputing latents into the dataset (``data.precompute_latents``; pass
+        it to ``make_dataset(latent_encoder=...)``), or None when the config does not ask for it."""
+        if not self.config.data.get("precompute_latents"):
+            return None
+        if self._latent_encoder is None:
+            from diffjax.data.latents import LatentEncoder
+
+            self._latent_encoder = LatentEncoder(self.models.autoencoder, self._external["vae"])
+        return self._latent_encoder
 
     def restore_target(self):
         return abstract_with_shardings(self.abstract_state, self.state_shardings)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fakes import flat, image_folder_config, perturbed, write_image_folder
+from fakes import flat, image_folder_config, perturbed, tiny_config, write_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,75 @@ def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent
     np.testing.assert_array_equal(flat(state.frozen["vae"]), flat(vae_params))  # frozen: not trained
 
 
+def test_precomputed_latents_give_the_batches_and_the_steps_of_encoding_in_the_step(latent_folder, image_folder,
+                                                                                   tmp_path):
+    """data.precompute_latents: the posterior moments stored once (with those of the mirrored images) make the
+    same batches, train step and held-out loss as encoding every batch; built once per autoencoder."""
+    from diffjax import model_folder
+    from diffjax.data import make_dataset
+    from diffjax.data.latents import LatentEncoder, latent_source
+    from diffjax.data.sources import load_source
+    from diffjax.train import Trainer
+
+    config = _config(image_folder, tmp_path, autoencoder=latent_folder)
+    config.text.trainable, config.data.random_flip, config.data.precompute_latents = False, True, True
+    trainer = Trainer(config)
+    models, vae = trainer.models, trainer.models.autoencoder
+    encoder = trainer.latent_encoder()
+    assert isinstance(encoder, LatentEncoder) and trainer.latent_encoder() is encoder
+    kw = dict(split="train", global_batch_size=8, seed=3)
+    images = make_dataset(config.data, models.text_encoder, **kw)
+    stored = make_dataset(config.data, models.text_encoder, latent_encoder=encoder, **kw)
+    built = list((tmp_path / "tfds").glob("captioned_image_folder/*/1.0.0/diffjax_latents/precomputed_latents/*"))
+    assert len(built) == 1, built
+    _, vae_params = model_folder.load_autoencoder(latent_folder)
+    for _ in range(3):  # the same order, captions and flips; the moments of the (mirrored) image
+        a, b = next(images), next(stored)
+        assert "image" not in b and b["latent_mean"].shape == (8, 8, 8, 4)
+        np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
+        posterior = vae.apply({"params": vae_params}, a["image"], method=vae.encode)
+        np.testing.assert_allclose(b["latent_mean"], posterior.mean, atol=2e-5)  # other XLA programs
+        np.testing.assert_allclose(b["latent_logvar"], posterior.logvar, atol=1e-4)
+    # The autoencoder is not flip-equivariant: the mirrored images' moments are their own.
+    src = latent_source(load_source(config.data, "train"), config.data, "train", encoder,
+                        lambda split: load_source(config.data, split))
+    moments = src.source.arrays
+    assert not np.allclose(moments["mean"], moments["mean_flipped"][:, :, ::-1], atol=1e-3)
+    # The train step and the held-out loss on stored moments equal those of encoding in the step.
+    a, b = trainer.shard_batch(a), trainer.shard_batch(b)
+    key = jax.random.PRNGKey(1)
+    np.testing.assert_allclose(trainer.eval_step(trainer.init(), b, key), trainer.eval_step(trainer.init(), a, key),
+                               rtol=1e-5)
+    (sa, ma), (sb, mb) = trainer.step(trainer.init(), a), trainer.step(trainer.init(), b)
+    np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
+    np.testing.assert_allclose(flat(sb.params), flat(sa.params), atol=1e-6)
+    # Read from the array_record files (no in-memory copy): the same batch; as float16: the moments rounded.
+    in_memory = next(make_dataset(config.data, models.text_encoder, latent_encoder=encoder, **kw))
+    config.data.cache_max_mb = 0
+    from_files = next(make_dataset(config.data, models.text_encoder, latent_encoder=encoder, **kw))
+    for k in ("latent_mean", "latent_logvar"):
+        np.testing.assert_array_equal(from_files[k], in_memory[k])
+    config.data.latents_dtype = "float16"
+    half = next(make_dataset(config.data, models.text_encoder, latent_encoder=encoder, **kw))
+    np.testing.assert_array_equal(half["latent_mean"], in_memory["latent_mean"].astype(np.float16).astype(np.float32))
+    # Another autoencoder (other weights) gets its own copy; an unchanged one is reused, not rebuilt.
+    config.data.latents_dtype = "float32"
+    next(make_dataset(config.data, models.text_encoder, latent_encoder=LatentEncoder(vae, perturbed(vae_params)), **kw))
+    next(make_dataset(config.data, models.text_encoder, latent_encoder=encoder, **kw))
+    now = list((tmp_path / "tfds").glob("captioned_image_folder/*/1.0.0/diffjax_latents/precomputed_latents/*"))
+    assert len(now) == 3 and set(built) < set(now), now  # float32, float16, the other autoencoder
+
+
+def test_precompute_latents_needs_a_latent_model(tmp_path):
+    from diffjax.train import Trainer
+
+    config = tiny_config()
+    config.data.precompute_latents = True
+    with pytest.raises(ValueError, match=r"^data.precompute_latents stores an autoencoder's latents, but this model "
+                                         r"has none: set config.model.autoencoder"):
+        Trainer(config)
+
+
 def test_fine_tuning_a_pretrained_latent_model_trains_exports_and_samples(latent_folder, image_folder, tmp_path,
                                                                           run_main):
     from diffjax import model_folder
@@ -85,9 +154,11 @@ def test_fine_tuning_a_pretrained_latent_model_trains_exports_and_samples(latent
              "--config.data.name=image_folder", f"--config.data.captions_file={image_folder / 'captions.jsonl'}",
              f"--config.data.data_dir={config.data.data_dir}", "--config.data.image_size=16",
              "--config.data.channels=3", "--config.data.train_split=train", "--config.data.eval_split=train",
-             "--config.training.sample_every=4"]
+             "--config.training.sample_every=4", "--config.data.precompute_latents=True"]
     proc = run_main(["--config=experiments/configs/tiny.py", f"--workdir={tmp_path}/run", *flags])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    latents = list((tmp_path / "tfds").glob("captioned_image_folder/*/1.0.0/diffjax_latents/precomputed_latents/*"))
+    assert len(latents) == 1, latents  # the run read its latents from the dataset, encoded once
     assert (tmp_path / "run" / "samples" / "step_000004.png").stat().st_size > 0
     pipe = Text2Image.from_checkpoint(str(tmp_path / "run"))
     _, start, _, _ = model_folder.load(latent_folder)

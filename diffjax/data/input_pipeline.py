@@ -59,6 +59,7 @@ import numpy as np
 
 from diffjax.data.captions import DEFAULT_TEMPLATES, LabelCaptioner, class_prompts
 from diffjax.data.images import RESIZE_MODES
+from diffjax.data.latents import LATENTS_DTYPES, LatentEncoder, latent_source, read_latents
 from diffjax.data.sources import DataSource, InMemorySource, as_text, load_source, prepare_image
 from diffjax.pixels import from_uint8
 
@@ -97,12 +98,18 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.num_threads = 2  # threads producing batches in each process
     c.prefetch_batches = 4  # batches buffered ahead by those threads
     c.num_workers = 0  # extra Python processes producing batches (0 = none; grain mp_prefetch)
+    # A latent model (config.model.autoencoder / pretrained): encode every image once with the frozen autoencoder
+    # and store the posterior moments in a tfds dataset (diffjax.data.latents), instead of in every step.
+    c.precompute_latents = False
+    c.latents_dtype = "float32"  # "float32" (the same batches as encoding in the step) or "float16" (half the disk)
+    c.latents_dir = ""  # where the latents are stored ("" = beside the prepared dataset, <its dir>/diffjax_latents)
     return c
 
 
 _ALLOWED = {
     "channels": (0, 1, 3),
     "resize_mode": RESIZE_MODES,
+    "latents_dtype": LATENTS_DTYPES,
 }
 
 
@@ -188,9 +195,10 @@ def _uniforms(seed: int, positions: np.ndarray, streams: int) -> np.ndarray:
 class _LoadBatch(grain.transforms.MapWithIndex):
     """(batch number k, source indices) -> batch dict.
 
-    Images are brought to the configured shape, randomly flipped and scaled to [-1, 1]; labels are
-    captioned (template and phrase chosen by the per-element uniforms); captions are tokenized, each
-    distinct caption once (cached).
+    Images are brought to the configured shape, randomly flipped and scaled to [-1, 1] (precomputed latents:
+    the moments of the image or of its mirror image, chosen by the same flip); labels are captioned (template
+    and phrase chosen by the per-element uniforms); captions are tokenized, each distinct caption once
+    (cached).
     """
 
     _CACHE_SIZE = 8192
@@ -200,14 +208,17 @@ class _LoadBatch(grain.transforms.MapWithIndex):
         self.source = src.source
         self.image_key, self.label_key, self.caption_key = src.image_key, src.label_key, src.caption_key
         self.captioner, self.shape, self.resize_mode = src.captioner, src.image_shape, src.resize_mode
+        self.latents = src.latents
         self.random_flip, self.tokenize, self.keep_captions, self.seed = random_flip, tokenize, keep_captions, seed
         self.steps, self.global_batch, self.local_batch = steps_per_epoch, global_batch, local_batch
         self.offset = process_index * local_batch
         self._token_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
 
-    def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    def _read(self, indices: np.ndarray) -> tuple[np.ndarray | dict, np.ndarray | None, list[str] | None]:
         src = self.source
+        if self.latents:
+            return read_latents(src, indices, self.label_key, self.caption_key)
         if isinstance(src, InMemorySource):  # vectorized
             labels = src.labels[indices] if src.labels is not None else None
             captions = [src.captions[i] for i in indices] if src.captions is not None else None
@@ -254,10 +265,14 @@ class _LoadBatch(grain.transforms.MapWithIndex):
         images, labels, captions = self._read(indices)
         if captions is None:
             captions = [self.captioner.pick(l, a, b) for l, a, b in zip(labels, u[:, 0], u[:, 1])]
-        if self.random_flip:
-            flip = u[:, 2] < 0.5
-            images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
-        batch = {"image": from_uint8(images)}
+        flip = (u[:, 2] < 0.5)[:, None, None, None] if self.random_flip else None
+        if self.latents:  # the moments of the mirrored image were encoded too
+            pick = lambda k: images[k] if flip is None else np.where(flip, images[f"{k}_flipped"], images[k])  # noqa: E731
+            batch = {"latent_mean": pick("mean"), "latent_logvar": pick("logvar")}
+        else:
+            if flip is not None:
+                images = np.where(flip, images[:, :, ::-1], images)
+            batch = {"image": from_uint8(images)}
         if self.tokenize is not None:
             batch["token_ids"], batch["mask"] = self._tokenize(captions)
         if labels is not None:
@@ -316,6 +331,7 @@ def make_grain_dataset(
     shuffle: bool = True,
     num_epochs: int | None = None,
     keep_captions: bool = False,
+    latent_encoder: LatentEncoder | None = None,
 ) -> grain.IterDataset:
     """The pipeline as a ``grain.IterDataset`` of this process's batches for a ``data`` config
     (:func:`default_data_config`); :func:`make_dataset` iterates it.
@@ -334,18 +350,25 @@ def make_grain_dataset(
       num_epochs: ``None`` repeats forever; otherwise stop after that many epochs.  Each epoch
         yields ``len(split) // global_batch_size`` batches (the remainder is dropped).
       keep_captions: also return the caption strings (``"caption"``, object array).
+      latent_encoder: a frozen autoencoder (:class:`diffjax.data.latents.LatentEncoder`) whose posterior
+        moments replace the images, computed once into a tfds dataset on first use, then read (the
+        ``Trainer`` passes one when ``data.precompute_latents`` is set).
 
     Returns:
       a ``grain.IterDataset`` of dicts of numpy arrays: ``image`` float32 (B, H, W, C) in
-      [-1, 1], ``token_ids`` int32 (B, L), ``mask`` bool (B, L), ``label`` int32 (B,) for labelled
-      datasets.
+      [-1, 1] (or, for precomputed latents, ``latent_mean`` and ``latent_logvar`` float32 (B, h, w, c)),
+      ``token_ids`` int32 (B, L), ``mask`` bool (B, L), ``label`` int32 (B,) for labelled datasets.
     """
     config = validate_data_config(config)
     p, num_p, local_batch = _process_layout(global_batch_size, process_index, process_count)
     if num_epochs is not None and int(num_epochs) <= 0:
         raise ValueError(f"num_epochs must be positive or None (repeat forever), got {num_epochs}")
     tokenize = _tokenize_fn(tokenizer)
-    src = load_source(config, split)
+    if latent_encoder is None:
+        src = load_source(config, split)
+    else:  # the images are read once, to build the latents: no decoded copy in memory
+        images = _without_cache(config)
+        src = latent_source(load_source(images, split), config, split, latent_encoder, lambda s: load_source(images, s))
     steps = len(src) // global_batch_size
     if steps == 0:
         raise ValueError(

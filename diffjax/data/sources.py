@@ -57,6 +57,7 @@ class DataSource:
     image_shape: tuple[int, int, int]  # (H, W, C) of the pipeline's images
     resize_mode: str
     data_dir: str  # where the prepared dataset is
+    latents: bool = False  # records are an autoencoder's posterior moments (diffjax.data.latents), not images
 
     def __len__(self) -> int:
         return len(self.source)

@@ -302,6 +302,14 @@ def _chunked(fn, x: Array, chunk: Optional[int]) -> Array:
     return out.reshape((n * chunk,) + out.shape[2:])[:b]
 
 
+def scale_latents(config: VAEConfig, posterior: DiagonalGaussian, noise: Optional[Array] = None) -> Array:
+    """The diffusion model's latent ``(z - shift) · scaling`` of a posterior: z = mean + std · ``noise``, or its
+    mean without noise (Rombach et al. 2022, §3). Precomputed moments (``diffjax.data.latents``) and encoding in
+    the step both go through here."""
+    z = posterior.mean if noise is None else posterior.mean + posterior.std * noise
+    return (z - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
 def encode_latents(vae: AutoencoderKL, params, images: Array, key: Optional[Array] = None,
                    chunk: Optional[int] = None, noise: Optional[Array] = None) -> Array:
     """The diffusion model's latents of ``images`` (NHWC in [-1, 1]): ``(z - shift) · scaling`` with z sampled
@@ -310,14 +318,13 @@ def encode_latents(vae: AutoencoderKL, params, images: Array, key: Optional[Arra
 
     def moments(x):
         posterior = vae.apply({"params": params}, x, method=vae.encode)
-        return jnp.concatenate([posterior.mean, posterior.std], -1)
+        return jnp.concatenate([posterior.mean, posterior.logvar], -1)
 
     both = _chunked(moments, images, chunk)
-    mean, std = both[..., :cfg.latent_channels], both[..., cfg.latent_channels:]
+    posterior = DiagonalGaussian(both[..., :cfg.latent_channels], both[..., cfg.latent_channels:])
     if noise is None and key is not None:
-        noise = jax.random.normal(key, mean.shape, jnp.float32)
-    z = mean if noise is None else mean + std * noise
-    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        noise = jax.random.normal(key, posterior.mean.shape, jnp.float32)
+    return scale_latents(cfg, posterior, noise)
 
 
 def decode_latents(vae: AutoencoderKL, params, latents: Array, chunk: Optional[int] = None) -> Array:

@@ -1,6 +1,7 @@
 """Fine-tune Stable Diffusion (1.x / 2.x, converted from the diffusers format on the fly) on your captioned
-image folder, in latent space: the frozen autoencoder encodes each batch, the U-Net trains, the CLIP text
-encoder stays frozen. Needs the weights (internet once, or a local diffusers folder / diffjax model folder) and
+image folder, in latent space: the frozen autoencoder encodes every image once (and its mirror image, for the
+random flips) into a tfds dataset of posterior moments beside the prepared images (data.precompute_latents),
+the U-Net trains on latents drawn from them, the CLIP text encoder stays frozen. Needs the weights (internet once, or a local diffusers folder / diffjax model folder) and
 an accelerator (an 860M-parameter U-Net).
 
     python -m experiments.main --config=experiments/configs/sd_finetune_folder.py --workdir=runs/sd_mine \
@@ -22,6 +23,7 @@ def get_config():
     config.data.image_size = 256
     config.data.channels = 3
     config.data.random_flip = True
+    config.data.precompute_latents = True  # encoded once, not in every step
     config.data.train_split = "train[2%:]"
     config.data.eval_split = "train[:2%]"
     config.diffusion.schedule = "scaled_linear"  # the model's own (SD 1.x); a pretrained model keeps its schedule
