@@ -293,7 +293,8 @@ def class_conditioned_prompts(info, images_per_class: int) -> tuple[list[str], n
 
 def evaluate_text2image(pipe, data_config, classifier: FeatureNet, *, images_per_class: int = 50, seed: int = 0,
                         batch_size: int = 100, inception_weights: str = "", clip_model: str = "",
-                        progress: bool = True, **generate_kwargs) -> tuple[dict, np.ndarray, list[str]]:
+                        progress: bool = True, guidance_scales: Sequence[float] = (),
+                        **generate_kwargs) -> tuple[dict, np.ndarray, list[str]]:
     """Generate ``images_per_class`` images for every class of ``data_config`` and measure them.
 
     Returns (metrics, images uint8, prompts). Metrics: ``conditioning_accuracy`` (classifier's argmax equals
@@ -301,6 +302,10 @@ def evaluate_text2image(pipe, data_config, classifier: FeatureNet, *, images_per
     real test split), ``per_class_accuracy``, ``fd`` (classifier features of the generated images vs the
     test split) and ``fd_train_floor`` (the same number of random real training images vs the test split),
     and when weights are given ``fid`` and ``clip_score``.
+
+    ``guidance_scales``: also generate the same prompts from the same noise at each of these scales (one
+    compiled sampler: the scale is traced) and add ``frontier``, one row per scale with its accuracy,
+    relative accuracy and Fréchet distance: the accuracy–distance trade-off that guidance moves along.
     """
     from diffjax.data import describe_dataset
 
@@ -308,26 +313,39 @@ def evaluate_text2image(pipe, data_config, classifier: FeatureNet, *, images_per
     if info.class_names is None:
         raise ValueError(f"dataset {data_config.name!r} has no class labels: class-based evaluation needs them")
     prompts, labels = class_conditioned_prompts(info, images_per_class)
-    images = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=progress, **generate_kwargs)
-    logits, feats = classifier.logits_and_features(images)
-    pred = np.argmax(logits, -1)
     test_images, test_labels = load_split(data_config, data_config.eval_split)
     test_logits, test_feats = classifier.logits_and_features(test_images)
     real_acc = float(np.mean(np.argmax(test_logits, -1) == test_labels))
+    test_stats = feature_statistics(test_feats)
+
+    def measure(images):
+        logits, feats = classifier.logits_and_features(images)
+        pred = np.argmax(logits, -1)
+        acc = float(np.mean(pred == labels))
+        return pred, {"conditioning_accuracy": acc, "relative_conditioning_accuracy": acc / real_acc,
+                      "fd": frechet_distance(feature_statistics(feats), test_stats)}
+
+    images = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=progress, **generate_kwargs)
+    pred, measured = measure(images)
     train_images, _ = load_split(data_config, data_config.train_split, max_examples=len(images), seed=seed + 1)
     _, train_feats = classifier.logits_and_features(train_images)
-    test_stats = feature_statistics(test_feats)
-    acc = float(np.mean(pred == labels))
     metrics = {
         "num_images": len(images),
-        "conditioning_accuracy": acc,
+        "conditioning_accuracy": measured["conditioning_accuracy"],
         "classifier_test_accuracy": real_acc,
-        "relative_conditioning_accuracy": acc / real_acc,
+        "relative_conditioning_accuracy": measured["relative_conditioning_accuracy"],
         "per_class_accuracy": {name: float(np.mean(pred[labels == c] == c)) for c, name in enumerate(info.class_names)},
-        "fd": frechet_distance(feature_statistics(feats), test_stats),
+        "fd": measured["fd"],
         "fd_train_floor": frechet_distance(feature_statistics(train_feats), test_stats),
         "prompt_templates": list(info.captioner.templates),
     }
+    if guidance_scales:
+        sweep = {k: v for k, v in generate_kwargs.items() if k != "guidance_scale"}
+        metrics["frontier"] = []
+        for w in guidance_scales:
+            at_w = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=progress, guidance_scale=float(w),
+                                 **sweep)
+            metrics["frontier"].append({"guidance_scale": float(w), **measure(at_w)[1]})
     if inception_weights:
         from diffjax.models import inception
 
@@ -338,3 +356,44 @@ def evaluate_text2image(pipe, data_config, classifier: FeatureNet, *, images_per
     if clip_model:
         metrics["clip_score"] = clip_score(images, prompts, clip_model)
     return metrics, images, prompts
+
+
+def write_frontier(frontier: Sequence[dict], floor: float, directory: str, title: str = "") -> list[str]:
+    """The guidance sweep of :func:`evaluate_text2image` as ``frontier.md`` (a table) and, with matplotlib,
+    ``frontier.png`` (relative conditioning accuracy against Fréchet distance, one point per scale, the
+    train↔test floor marked) in ``directory``; returns the paths written."""
+    os.makedirs(directory, exist_ok=True)
+    lines = ["| guidance scale | conditioning accuracy | relative | Fréchet distance | / floor |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for row in frontier:
+        lines.append(f"| {row['guidance_scale']:g} | {row['conditioning_accuracy']:.4f} | "
+                     f"{row['relative_conditioning_accuracy']:.4f} | {row['fd']:.3f} | {row['fd'] / floor:.2f} |")
+    table = os.path.join(directory, "frontier.md")
+    with open(table, "w") as f:
+        f.write((f"{title}\n\n" if title else "") + f"train↔test floor of the Fréchet distance: {floor:.3f}\n\n"
+                + "\n".join(lines) + "\n")
+    written = [table]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib is not installed: %s has the frontier as a table only", table)
+        return written
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    fd = [r["fd"] for r in frontier]
+    acc = [r["relative_conditioning_accuracy"] for r in frontier]
+    ax.plot(fd, acc, "o-")
+    for r, x, y in zip(frontier, fd, acc):
+        ax.annotate(f"w={r['guidance_scale']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axvline(floor, color="gray", linestyle="--", label=f"train↔test floor {floor:.2f}")
+    ax.set_xlabel("Fréchet distance (classifier features)")
+    ax.set_ylabel("relative conditioning accuracy")
+    ax.set_title(title or "guidance sweep", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plot = os.path.join(directory, "frontier.png")
+    fig.savefig(plot)
+    plt.close(fig)
+    return written + [plot]

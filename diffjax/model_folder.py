@@ -47,7 +47,8 @@ NETWORK_CONFIG = "config.json"  # COMPONENT/config.json, COMPONENT "unet" or "tr
 NETWORK_PARAMS = "diffusion_params.safetensors"
 TEXT_ENCODER = "text_encoder"
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
-SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing", "sampler_options")
+SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing", "sampler_options",
+                 "guidance_schedule", "guidance_interval")
 VAE = "vae"
 
 

@@ -53,6 +53,11 @@ class Text2Image:
       denoiser_params, text_params: the parameters to sample with (usually the EMA ones).
       image_shape: (H, W, C) the model was trained at (the default output size; pixels, also for a latent model).
       sampler, num_steps, guidance_scale, timestep_spacing: the defaults of every call.
+      guidance_schedule, guidance_interval: how the guidance scale varies with the noise level
+        (``diffjax.guidance.guidance_scale_fn``): ``"constant"``, ``"linear"`` or ``"cosine"`` over the
+        timesteps, and (σ_lo, σ_hi) outside which no guidance is applied (None: everywhere); defaults of every
+        call, which also takes them as keywords. Both are traced: changing the interval (or the scale) does
+        not recompile.
       sampler_options: further defaults (e.g. ``steps_offset``, DDIM's ``final_alpha_cumprod``), each given to
         the samplers that take it.
       mesh: devices to shard each chunk's batch over (default: all devices on one ``data`` axis).
@@ -70,11 +75,14 @@ class Text2Image:
     def __init__(self, models: Models, denoiser_params: Any, text_params: Any, image_shape: Sequence[int], *,
                  sampler: str = "dpmpp_2m", num_steps: int = 25, guidance_scale: float = 3.0,
                  timestep_spacing: Optional[str] = None, sampler_options: Optional[dict] = None, mesh=None,
-                 vae_params: Any = None):
+                 vae_params: Any = None, guidance_schedule: str = "constant",
+                 guidance_interval: Optional[Sequence[float]] = None):
         self.models = models
         self.denoiser_params, self.text_params, self.vae_params = denoiser_params, text_params, vae_params
         self.image_shape = tuple(int(d) for d in image_shape)
-        self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale))
+        self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale),
+                             guidance_schedule=_check_guidance_schedule(guidance_schedule),
+                             guidance_interval=check_guidance_interval(guidance_interval))
         self.timestep_spacing = timestep_spacing
         self.sampler_options = dict(sampler_options or {})
         self.mesh = sharding.create_mesh(1) if mesh is None else mesh
@@ -167,7 +175,10 @@ class Text2Image:
         logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir, "EMA" if use_ema else "raw")
         pipe = cls(models, params[models.component], text_params, (size, size, models.image_channels),
                    sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                   timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=restored.get("frozen", {}).get("vae"))
+                   timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=restored.get("frozen", {}).get("vae"),
+                   guidance_schedule=sc.get("guidance_schedule", "constant"),
+                   guidance_interval=check_guidance_interval(sc.get("guidance_interval", ""),
+                                                             "config.sampling.guidance_interval"))
         pipe.config, pipe.step = config, step
         return pipe
 
@@ -222,7 +233,9 @@ class Text2Image:
         """uint8 images (N, H, W, C), one per prompt, sampled with classifier-free guidance
         ε̃ = ε(x, ∅') + w (ε(x, c) - ε(x, ∅')), ∅' the negative prompt (default ""); w = 1 runs the
         conditional model alone. ``output_type``: ``"uint8"``, ``"float"`` (float32 in [-1, 1]) or, for a latent
-        model, ``"latent"`` (the sampled latents, not decoded)."""
+        model, ``"latent"`` (the sampled latents, not decoded). ``guidance_interval=(σ_lo, σ_hi)`` and
+        ``guidance_schedule=`` (here and in ``img2img`` / ``inpaint``) override the pipeline's defaults; other
+        keywords are sampler options."""
         shape = self._output_shape(height, width)
         return self._run("txt2img", prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape,
                          batch_size, progress, sampler_options, output_type=output_type)
@@ -332,8 +345,8 @@ class Text2Image:
         return np.broadcast_to(fill[..., None], (n, h, w, c)).astype(bool)
 
     def _compiled_fn(self, kind: str, sampler: str, num_steps: int, guided: bool, start_step: int,
-                     options: tuple, latent_out: bool) -> Any:
-        key = (kind, sampler, num_steps, guided, start_step, options, latent_out)
+                     options: tuple, latent_out: bool, guidance_schedule: str = "constant") -> Any:
+        key = (kind, sampler, num_steps, guided, start_step, options, latent_out, guidance_schedule)
         if key in self._compiled:
             return self._compiled[key]
         fn_params = inspect.signature(samplers.get_sampler(sampler)).parameters
@@ -350,8 +363,8 @@ class Text2Image:
         if vae is None:  # pixels: x̂0 is clipped to the data range at every step
             opts.setdefault("denoised_fn", guidance.clip_x0)
 
-        def run(denoiser_params, text_params, vae_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale, x0,
-                fill):
+        def run(denoiser_params, text_params, vae_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale,
+                interval, x0, fill):
             encoder = models.text_encoder
             cond = encoder.encode(text_params, ids, mask, trainable=False)
             denoiser = models.denoiser(denoiser_params, with_variance=learned)
@@ -359,7 +372,8 @@ class Text2Image:
                 b = ids.shape[0]
                 neg = encoder.encode(text_params, jnp.broadcast_to(neg_ids, (b,) + neg_ids.shape[1:]),
                                      jnp.broadcast_to(neg_mask, (b,) + neg_mask.shape[1:]), trainable=False)
-                model = guidance.classifier_free_guidance(denoiser, cond, neg, scale)
+                scale_fn = guidance.guidance_scale_fn(scale, models.schedule, guidance_schedule, interval)
+                model = guidance.classifier_free_guidance(denoiser, cond, neg, scale, scale_fn=scale_fn)
             else:
                 def model(x, t):
                     return denoiser(x, t, cond)
@@ -412,11 +426,17 @@ class Text2Image:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
         if not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        sampler_options = dict(sampler_options)
+        schedule = _check_guidance_schedule(sampler_options.pop("guidance_schedule",
+                                                                self.defaults["guidance_schedule"]))
+        interval = check_guidance_interval(sampler_options.pop("guidance_interval",
+                                                               self.defaults["guidance_interval"]))
+        interval = (-1.0, math.inf) if interval is None else interval
         n = len(prompts)
         ndev = self.mesh.devices.size
         chunk = max(ndev, -(-min(int(batch_size), n) // ndev) * ndev)
         fn = self._compiled_fn(kind, sampler, num_steps, scale != 1.0, start_step,
-                               tuple(sorted(sampler_options.items())), output_type == "latent")
+                               tuple(sorted(sampler_options.items())), output_type == "latent", schedule)
         enc = self.models.text_encoder
         ids, mask = enc.tokenize(prompts)
         neg_ids, neg_mask = enc.tokenize([negative_prompt])
@@ -442,7 +462,8 @@ class Text2Image:
             take = np.minimum(np.arange(s, s + chunk), n - 1)  # pad the last chunk by repeating its last row
             args = [put(a[take], batch_sh) for a in (ids, mask)]
             args += [put(neg_ids, rep), put(neg_mask, rep), put(rows[take], batch_sh), seed_key,
-                     jnp.float32(scale), put(x0[take], batch_sh), put(fill[take], batch_sh)]
+                     jnp.float32(scale), jnp.asarray(interval, jnp.float32), put(x0[take], batch_sh),
+                     put(fill[take], batch_sh)]
             x = fn(self.denoiser_params, self.text_params, self.vae_params, *args)
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
@@ -450,6 +471,27 @@ class Text2Image:
                 x = multihost_utils.process_allgather(x, tiled=True)
             out.append(self._finish(x, output_type)[: min(chunk, n - s)])
         return np.concatenate(out)
+
+
+def _check_guidance_schedule(name) -> str:
+    if name not in guidance.GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule must be one of {', '.join(guidance.GUIDANCE_SCHEDULES)}, got {name!r}")
+    return name
+
+
+def check_guidance_interval(interval, what: str = "guidance_interval") -> Optional[tuple[float, float]]:
+    """(σ_lo, σ_hi) as floats with 0 ≤ σ_lo < σ_hi (σ_hi may be inf), from a pair or a ``"lo,hi"`` string; None
+    (or ``""``) for guidance at every noise level. A one-line ValueError naming ``what`` otherwise."""
+    if interval is None or (isinstance(interval, str) and not interval.strip()):
+        return None
+    try:
+        parts = interval.split(",") if isinstance(interval, str) else list(interval)
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be two noise levels 'sigma_lo,sigma_hi', got {interval!r}") from None
+    if not (math.isfinite(lo) and 0.0 <= lo < hi) or math.isnan(hi):
+        raise ValueError(f"{what} must satisfy 0 <= sigma_lo < sigma_hi, got {interval!r}")
+    return lo, hi
 
 
 def _with_shardings(abstract: Any, mesh) -> Any:

@@ -21,6 +21,7 @@ environment configures them (see ``diffjax.sharding.initialize_distributed``).
 """
 
 import json
+import math
 import os
 import sys
 
@@ -44,6 +45,12 @@ flags.DEFINE_integer("seed", 0, "sample/eval: seed of the initial noise.")
 flags.DEFINE_string("sampler", None, "sample/eval: ddpm | ddim | dpmpp_2m | euler | heun (default: the run's).")
 flags.DEFINE_integer("num_steps", None, "sample/eval: sampler steps (default: the run's config.sampling).")
 flags.DEFINE_float("guidance_scale", None, "sample/eval: classifier-free guidance scale (default: the run's).")
+flags.DEFINE_enum("guidance_schedule", None, ["constant", "linear", "cosine"],
+                  "sample/eval: the guidance scale over the timesteps, of mean --guidance_scale (default: the run's).")
+flags.DEFINE_string("guidance_interval", None, "sample/eval: 'sigma_lo,sigma_hi': guide only at noise levels in "
+                    "(sigma_lo, sigma_hi] ('' = at all; default: the run's config.sampling).")
+flags.DEFINE_list("guidance_scales", [], "eval: also sweep these guidance scales (same prompts and noise) and write "
+                  "the accuracy-distance frontier to eval/step_N/frontier.md and frontier.png.")
 flags.DEFINE_enum("timestep_spacing", None, ["leading", "trailing", "linspace"],
                   "sample/eval: sampler timestep spacing (default: the run's config.sampling).")
 flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default: the latest).")
@@ -79,8 +86,17 @@ def _fail(e: BaseException) -> None:
 
 def _sampling_kwargs() -> dict:
     kw = {"sampler": FLAGS.sampler, "num_steps": FLAGS.num_steps, "guidance_scale": FLAGS.guidance_scale,
-          "negative_prompt": FLAGS.negative_prompt, "timestep_spacing": FLAGS.timestep_spacing}
-    return {k: v for k, v in kw.items() if v is not None}
+          "negative_prompt": FLAGS.negative_prompt, "timestep_spacing": FLAGS.timestep_spacing,
+          "guidance_schedule": FLAGS.guidance_schedule}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if FLAGS.guidance_interval is not None:
+        from diffjax.pipeline import check_guidance_interval
+
+        try:
+            kw["guidance_interval"] = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
+        except ValueError as e:
+            _fail(e)
+    return kw
 
 
 def train(config) -> None:
@@ -146,16 +162,22 @@ def evaluate() -> None:
     try:
         data_config = validate_data_config((pipe.config or FLAGS.config).data)
         classifier = evaluation.FeatureNet.from_checkpoint(ec.classifier_workdir)
+        scales = [float(w) for w in FLAGS.guidance_scales]
+        if any(not math.isfinite(w) or w < 0 for w in scales):
+            raise ValueError(f"--guidance_scales must be finite numbers >= 0, got {','.join(FLAGS.guidance_scales)}")
     except (ValueError, OSError) as e:
         _fail(e)
+    sampling = _sampling_kwargs()
     metrics, images, prompts = evaluation.evaluate_text2image(
         pipe, data_config, classifier, images_per_class=int(ec.images_per_class), seed=FLAGS.seed,
         batch_size=int(ec.batch_size), inception_weights=ec.inception_weights, clip_model=ec.clip_model,
-        **_sampling_kwargs())
+        guidance_scales=scales, **sampling)
     metrics.update(step=pipe.step, sampler=FLAGS.sampler or pipe.defaults["sampler"],
                    num_steps=FLAGS.num_steps or pipe.defaults["num_steps"],
                    guidance_scale=pipe.defaults["guidance_scale"] if FLAGS.guidance_scale is None
-                   else FLAGS.guidance_scale, timestep_spacing=FLAGS.timestep_spacing or pipe.timestep_spacing)
+                   else FLAGS.guidance_scale, timestep_spacing=FLAGS.timestep_spacing or pipe.timestep_spacing,
+                   guidance_schedule=sampling.get("guidance_schedule", pipe.defaults["guidance_schedule"]),
+                   guidance_interval=sampling.get("guidance_interval", pipe.defaults["guidance_interval"]))
     out = os.path.join(FLAGS.workdir, "eval", f"step_{pipe.step:06d}" if pipe.step is not None else "model")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -177,6 +199,14 @@ def evaluate() -> None:
           f"(train-vs-test floor {metrics['fd_train_floor']:.3f})"
           + (f", FID {metrics['fid']:.2f}" if "fid" in metrics else "")
           + (f", CLIP score {metrics['clip_score']:.2f}" if "clip_score" in metrics else ""))
+    if scales:
+        title = (f"{metrics['sampler']}, {metrics['num_steps']} steps, schedule {metrics['guidance_schedule']}, "
+                 f"interval {metrics['guidance_interval'] or 'all'}")
+        for path in evaluation.write_frontier(metrics["frontier"], metrics["fd_train_floor"], out, title):
+            print(f"frontier: {path}")
+        for row in metrics["frontier"]:
+            print(f"  guidance {row['guidance_scale']:g}: relative accuracy {row['relative_conditioning_accuracy']:.4f}, "
+                  f"Fréchet distance {row['fd']:.3f}")
     print(f"metrics: {os.path.join(out, 'metrics.json')}; grid: {os.path.join(out, 'grid.png')}")
 
 

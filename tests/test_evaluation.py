@@ -110,7 +110,8 @@ def test_evaluate_text2image_metrics(fake_data, classifier_dir):
     pipe = random_text2image()
     net = evaluation.FeatureNet.from_checkpoint(classifier_dir)
     metrics, images, prompts = evaluation.evaluate_text2image(pipe, fake_data.data, net, images_per_class=2,
-                                                              batch_size=10, num_steps=2, progress=False)
+                                                              batch_size=10, num_steps=2, progress=False,
+                                                              guidance_scale=3.0, guidance_scales=(3.0, 1.0))
     assert images.shape == (20, 8, 8, 1) and len(prompts) == 20
     # Prompts: two per class, label order, cycling the caption templates.
     assert prompts[:2] == ["a photo of a t-shirt", "a t-shirt"] and prompts[-1] == "an ankle boot"
@@ -123,6 +124,11 @@ def test_evaluate_text2image_metrics(fake_data, classifier_dir):
     from diffjax.data import describe_dataset
 
     assert list(metrics["per_class_accuracy"]) == list(describe_dataset(fake_data.data).class_names)
+    # The sweep: the same prompts and noise at each scale; at the main scale, the main numbers exactly.
+    at_main, at_one = metrics["frontier"]
+    assert at_main == {"guidance_scale": 3.0, "conditioning_accuracy": metrics["conditioning_accuracy"],
+                       "relative_conditioning_accuracy": metrics["relative_conditioning_accuracy"], "fd": metrics["fd"]}
+    assert at_one["guidance_scale"] == 1.0 and at_one["fd"] != metrics["fd"]
 
 
 def test_eval_command_writes_metrics(fake_data, classifier_dir, tmp_path, run_main):
@@ -139,13 +145,27 @@ def test_eval_command_writes_metrics(fake_data, classifier_dir, tmp_path, run_ma
     ckpt.close()
     proc = run_main(["--mode=eval", f"--workdir={tmp_path}", "--config=experiments/configs/tiny.py",
                      f"--config.evaluation.classifier_workdir={classifier_dir}",
-                     "--config.evaluation.images_per_class=1", "--config.evaluation.batch_size=10", "--num_steps=2"])
+                     "--config.evaluation.images_per_class=1", "--config.evaluation.batch_size=10", "--num_steps=2",
+                     "--guidance_scales=1,2,4", "--guidance_interval=0.1,50"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 4: conditioning accuracy" in proc.stdout
     out = tmp_path / "eval" / "step_000004"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 10 and metrics["num_steps"] == 2 and metrics["step"] == 4
     assert (out / "grid.png").is_file() and os.listdir(tmp_path / "tensorboard")
+    assert [r["guidance_scale"] for r in metrics["frontier"]] == [1.0, 2.0, 4.0]
+    assert metrics["guidance_interval"] == [0.1, 50.0] and metrics["guidance_schedule"] == "constant"
+    table = (out / "frontier.md").read_text().splitlines()
+    assert table[-1].startswith("| 4 | ") and len([line for line in table if line.startswith("| ")]) == 2 + 3
+    assert (out / "frontier.png").stat().st_size > 0
+    proc = run_main(["--mode=eval", f"--workdir={tmp_path}", "--config=experiments/configs/tiny.py",
+                     f"--config.evaluation.classifier_workdir={classifier_dir}", "--guidance_scales=2,-1"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --guidance_scales must be finite numbers >= 0, got 2,-1")
+    proc = run_main(["--mode=eval", f"--workdir={tmp_path}", "--config=experiments/configs/tiny.py",
+                     f"--config.evaluation.classifier_workdir={classifier_dir}", "--guidance_interval=3"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --guidance_interval must be two noise levels 'sigma_lo,sigma_hi', got '3'")
     proc = run_main(["--mode=eval", f"--workdir={tmp_path}", "--config=experiments/configs/tiny.py",
                      f"--config.evaluation.classifier_workdir={tmp_path}/none"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no classifier checkpoint")

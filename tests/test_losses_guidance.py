@@ -161,6 +161,41 @@ def test_guidance_rescale():
     np.testing.assert_allclose(guidance.cfg_combine(unc, cond, 7.0, 0.0), guided, rtol=1e-6)
 
 
+def test_guidance_schedules_have_mean_w_and_the_interval_switches_guidance_off_outside_it():
+    from diffjax import schedules
+
+    sched = schedules.get_schedule("linear", 1000)
+    t = jnp.arange(1000.0)
+    w = 4.0
+    const = guidance.guidance_scale_fn(w, sched)(t)
+    np.testing.assert_array_equal(const, np.full(1000, w, np.float32))
+    for name, at_data in (("linear", 1 + 2 * (w - 1)), ("cosine", 1 + 2 * (w - 1))):
+        ws = np.asarray(guidance.guidance_scale_fn(w, sched, name)(t))
+        np.testing.assert_allclose(ws.mean(), w, rtol=1e-5)  # the same guidance on average over t
+        np.testing.assert_allclose([ws[0], ws[-1]], [at_data, 1.0], rtol=1e-5, atol=1e-5)  # strongest at the data
+        assert np.all(np.diff(ws) <= 1e-6)  # growing as the noise falls
+    sigma = np.asarray(sched.sigmas)
+    lo, hi = 0.3, 5.0
+    inside = (sigma > lo) & (sigma <= hi)
+    assert 0 < inside.sum() < 1000
+    ws = np.asarray(guidance.guidance_scale_fn(w, sched, interval=(lo, hi))(t))
+    np.testing.assert_array_equal(ws, np.where(inside, w, 1.0).astype(np.float32))
+    # Fractional t (Karras grids): σ interpolated between timesteps, as the samplers do.
+    tf = jnp.asarray([np.argmax(sigma > hi) - 0.5])
+    s_tf = np.interp(tf, np.arange(1000), sigma)
+    assert guidance.guidance_scale_fn(w, sched, interval=(lo, float(s_tf[0]) - 1e-4))(tf)[0] == 1.0
+    assert guidance.guidance_scale_fn(w, sched, interval=(lo, float(s_tf[0]) + 1e-4))(tf)[0] == w
+    with pytest.raises(ValueError, match="guidance_schedule must be one of"):
+        guidance.guidance_scale_fn(w, sched, "exponential")
+
+
+def test_cfg_with_a_per_example_scale():
+    cond, unc = _denoiser(X, T, COND), _denoiser(X, T, UNCOND)
+    per_example = jnp.asarray([0.0, 1.0, 3.0])
+    out = guidance.classifier_free_guidance(_denoiser, COND, UNCOND, 99.0, scale_fn=lambda t: per_example)(X, T)
+    np.testing.assert_allclose(out, unc + per_example[:, None, None, None] * (cond - unc), rtol=1e-6, atol=1e-6)
+
+
 def test_cfg_batch_mismatch_error():
     with pytest.raises(ValueError, match="cond leaves need a leading batch axis of size 2"):
         guidance.classifier_free_guidance(_denoiser, COND, UNCOND, 3.0)(X[:2], T[:2])

@@ -62,6 +62,42 @@ def test_guidance_scale_one_is_the_conditional_model(pipe):
     assert np.abs(guided.astype(int) - out).mean() > 1
 
 
+def test_guidance_interval_and_schedule_are_traced_and_bound_the_guidance(pipe, tmp_path):
+    """An interval holding every noise level changes nothing; one holding none is the conditional model; moving
+    the interval or the scale compiles nothing new."""
+    kw = dict(seed=0, num_steps=STEPS, guidance_scale=4.0)
+    guided = pipe.generate(PROMPTS, **kw)
+    guided_keys = [k for k in pipe._compiled if k[3] and k[-1] == "constant"]  # k[3]: guided
+    fn = pipe._compiled[guided_keys[0]]
+    programs = fn._cache_size()  # earlier tests may have compiled other batch shapes
+    np.testing.assert_array_equal(pipe.generate(PROMPTS, guidance_interval=(0.0, float("inf")), **kw), guided)
+    nowhere = pipe.generate(PROMPTS, guidance_interval=(1e6, 2e6), **kw)
+    conditional = pipe.generate(PROMPTS, seed=0, num_steps=STEPS, guidance_scale=1.0)
+    assert np.abs(nowhere.astype(int) - conditional).max() <= 1
+    some = pipe.generate(PROMPTS, guidance_interval="0.5,20", **dict(kw, guidance_scale=6.0))
+    assert np.abs(some.astype(int) - guided).mean() > 0.5 and np.abs(some.astype(int) - nowhere).mean() > 0.5
+    assert [k for k in pipe._compiled if k[3] and k[-1] == "constant"] == guided_keys
+    assert fn._cache_size() == programs  # no new program for another interval or scale
+    linear = pipe.generate(PROMPTS, guidance_schedule="linear", **kw)  # a schedule is a program of its own
+    assert np.abs(linear.astype(int) - guided).mean() > 0.5
+    some_linear = pipe.generate(PROMPTS, guidance_schedule="linear", guidance_interval=(0.5, 20.0),
+                                **dict(kw, guidance_scale=6.0))
+    # Pipeline defaults, kept by the model folder.
+    import copy
+
+    from diffjax.pipeline import Text2Image
+
+    mine = copy.copy(pipe)
+    mine.defaults = dict(pipe.defaults, guidance_interval=(0.5, 20.0), guidance_schedule="linear")
+    again = Text2Image.from_pretrained(mine.save_pretrained(str(tmp_path / "folder")))
+    assert again.defaults["guidance_interval"] == (0.5, 20.0) and again.defaults["guidance_schedule"] == "linear"
+    np.testing.assert_array_equal(again.generate(PROMPTS, seed=0, num_steps=STEPS, guidance_scale=6.0), some_linear)
+    with pytest.raises(ValueError, match=r"guidance_interval must satisfy 0 <= sigma_lo < sigma_hi, got \(2, 1\)"):
+        pipe.generate(PROMPTS, guidance_interval=(2, 1), **kw)
+    with pytest.raises(ValueError, match="guidance_schedule must be one of constant, linear, cosine, got 'steep'"):
+        pipe.generate(PROMPTS, guidance_schedule="steep", **kw)
+
+
 def test_img2img_strength_zero_returns_the_image_and_one_ignores_it(pipe):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)

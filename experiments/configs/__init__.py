@@ -8,7 +8,7 @@ from typing import Iterable
 
 import ml_collections
 
-from diffjax import losses, samplers, schedules
+from diffjax import guidance, losses, pipeline, samplers, schedules
 from diffjax.data.input_pipeline import validate_data_config
 from diffjax.models import factory
 
@@ -43,6 +43,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     choice("diffusion.loss_weighting", d.loss_weighting, losses.WEIGHTINGS)
     choice("sampling.sampler", config.sampling.sampler, tuple(samplers.SAMPLERS))
     choice("sampling.timestep_spacing", config.sampling.timestep_spacing, samplers.SPACINGS)
+    choice("sampling.guidance_schedule", config.sampling.guidance_schedule, guidance.GUIDANCE_SCHEDULES)
+    pipeline.check_guidance_interval(config.sampling.guidance_interval, "config.sampling.guidance_interval")
     choice("optim.lr_schedule", config.optim.lr_schedule, ("constant", "cosine"))
     choice("training.on_nonfinite", config.training.on_nonfinite, ("skip", "stop"))
     choice("training.on_corrupt_checkpoint", config.training.on_corrupt_checkpoint, ("fallback", "fail"))

@@ -98,6 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.num_steps = 25  # sampler steps
     config.sampling.guidance_scale = 3.0  # classifier-free guidance scale w
     config.sampling.timestep_spacing = "trailing"  # leading | trailing | linspace
+    config.sampling.guidance_schedule = "constant"  # constant | linear | cosine: w over the timesteps, mean w
+    config.sampling.guidance_interval = ""  # "sigma_lo,sigma_hi": guide only there (Kynkäänniemi 2024); "" = always
     config.sampling.prompts = ""  # '|'-separated prompts for sample grids ("" = one per class of the data)
     config.sampling.images_per_prompt = 4  # columns of the sample grid
 
