@@ -278,11 +278,18 @@ def clip_score(images: np.ndarray, prompts: Sequence[str], model: str, batch_siz
 # ------------------------------------------------------------------------------------------------------
 
 
-def class_conditioned_prompts(info, images_per_class: int) -> tuple[list[str], np.ndarray]:
+def class_conditioned_prompts(info, images_per_class: int,
+                              templates: Optional[Sequence[str]] = None) -> tuple[list[str], np.ndarray]:
     """Prompts for ``images_per_class`` images of each class, cycling through the caption templates (image j
-    of class c uses template j mod T with c's canonical phrase), and their labels."""
-    templates = info.captioner.templates
-    per_template = [info.prompts(t) for t in range(len(templates))]
+    of class c uses template j mod T with c's canonical phrase), and their labels. ``templates``: wordings of
+    one's own (e.g. held out from training) instead of the dataset's."""
+    from diffjax.data.captions import class_prompts
+
+    templates = tuple(templates or info.captioner.templates)
+    if any(not isinstance(t, str) or "{}" not in t for t in templates):
+        raise ValueError(f"evaluation.prompt_templates must be strings with a '{{}}' placeholder, got {templates!r}")
+    per_template = [class_prompts(t, templates=templates, phrases=info.captioner.phrases)
+                    for t in range(len(templates))]
     prompts, labels = [], []
     for c in range(len(info.class_names)):
         for j in range(images_per_class):
@@ -294,7 +301,7 @@ def class_conditioned_prompts(info, images_per_class: int) -> tuple[list[str], n
 def evaluate_text2image(pipe, data_config, classifier: FeatureNet, *, images_per_class: int = 50, seed: int = 0,
                         batch_size: int = 100, inception_weights: str = "", clip_model: str = "",
                         progress: bool = True, guidance_scales: Sequence[float] = (),
-                        **generate_kwargs) -> tuple[dict, np.ndarray, list[str]]:
+                        prompt_templates: Sequence[str] = (), **generate_kwargs) -> tuple[dict, np.ndarray, list[str]]:
     """Generate ``images_per_class`` images for every class of ``data_config`` and measure them.
 
     Returns (metrics, images uint8, prompts). Metrics: ``conditioning_accuracy`` (classifier's argmax equals
@@ -306,13 +313,15 @@ def evaluate_text2image(pipe, data_config, classifier: FeatureNet, *, images_per
     ``guidance_scales``: also generate the same prompts from the same noise at each of these scales (one
     compiled sampler: the scale is traced) and add ``frontier``, one row per scale with its accuracy,
     relative accuracy and Fréchet distance: the accuracy–distance trade-off that guidance moves along.
+    ``prompt_templates``: prompt wordings instead of the dataset's caption templates (e.g. held out from
+    training, to measure how the conditioning generalises).
     """
     from diffjax.data import describe_dataset
 
     info = describe_dataset(data_config, data_config.eval_split)
     if info.class_names is None:
         raise ValueError(f"dataset {data_config.name!r} has no class labels: class-based evaluation needs them")
-    prompts, labels = class_conditioned_prompts(info, images_per_class)
+    prompts, labels = class_conditioned_prompts(info, images_per_class, prompt_templates)
     test_images, test_labels = load_split(data_config, data_config.eval_split)
     test_logits, test_feats = classifier.logits_and_features(test_images)
     real_acc = float(np.mean(np.argmax(test_logits, -1) == test_labels))
@@ -337,7 +346,7 @@ def evaluate_text2image(pipe, data_config, classifier: FeatureNet, *, images_per
         "per_class_accuracy": {name: float(np.mean(pred[labels == c] == c)) for c, name in enumerate(info.class_names)},
         "fd": measured["fd"],
         "fd_train_floor": frechet_distance(feature_statistics(train_feats), test_stats),
-        "prompt_templates": list(info.captioner.templates),
+        "prompt_templates": list(prompt_templates or info.captioner.templates),
     }
     if guidance_scales:
         sweep = {k: v for k, v in generate_kwargs.items() if k != "guidance_scale"}

@@ -162,6 +162,10 @@ def evaluate() -> None:
     try:
         data_config = validate_data_config((pipe.config or FLAGS.config).data)
         classifier = evaluation.FeatureNet.from_checkpoint(ec.classifier_workdir)
+        templates = tuple(ec.get("prompt_templates", ()))
+        if any(not isinstance(t, str) or "{}" not in t for t in templates):
+            raise ValueError(f"config.evaluation.prompt_templates must be strings with a '{{}}' placeholder, got "
+                             f"{templates!r}")
         scales = [float(w) for w in FLAGS.guidance_scales]
         if any(not math.isfinite(w) or w < 0 for w in scales):
             raise ValueError(f"--guidance_scales must be finite numbers >= 0, got {','.join(FLAGS.guidance_scales)}")
@@ -171,7 +175,7 @@ def evaluate() -> None:
     metrics, images, prompts = evaluation.evaluate_text2image(
         pipe, data_config, classifier, images_per_class=int(ec.images_per_class), seed=FLAGS.seed,
         batch_size=int(ec.batch_size), inception_weights=ec.inception_weights, clip_model=ec.clip_model,
-        guidance_scales=scales, **sampling)
+        guidance_scales=scales, prompt_templates=templates, **sampling)
     metrics.update(step=pipe.step, sampler=FLAGS.sampler or pipe.defaults["sampler"],
                    num_steps=FLAGS.num_steps or pipe.defaults["num_steps"],
                    guidance_scale=pipe.defaults["guidance_scale"] if FLAGS.guidance_scale is None

@@ -129,6 +129,11 @@ def test_evaluate_text2image_metrics(fake_data, classifier_dir):
     assert at_main == {"guidance_scale": 3.0, "conditioning_accuracy": metrics["conditioning_accuracy"],
                        "relative_conditioning_accuracy": metrics["relative_conditioning_accuracy"], "fd": metrics["fd"]}
     assert at_one["guidance_scale"] == 1.0 and at_one["fd"] != metrics["fd"]
+    # Wordings of one's own (held out from training) instead of the dataset's templates.
+    own, _ = evaluation.class_conditioned_prompts(describe_dataset(fake_data.data), 2, ("my {}", "one {} for sale"))
+    assert own[:2] == ["my t-shirt", "one t-shirt for sale"] and own[-1] == "one ankle boot for sale"
+    with pytest.raises(ValueError, match="prompt_templates must be strings with a '{}' placeholder"):
+        evaluation.class_conditioned_prompts(describe_dataset(fake_data.data), 2, ("no slot",))
 
 
 def test_eval_command_writes_metrics(fake_data, classifier_dir, tmp_path, run_main):

@@ -110,5 +110,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.evaluation.use_ema = True  # evaluate the EMA parameters
     config.evaluation.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05 .pth file: also report FID
     config.evaluation.clip_model = ""  # local dir or hub id of a CLIP model: also report the CLIP score
+    config.evaluation.prompt_templates = ()  # wordings ("{}" = the class) instead of data.caption_templates
     return config
 
