@@ -95,8 +95,8 @@ def guidance_scale_fn(guidance_scale, noise_schedule, guidance_schedule: str = "
 
 
 def classifier_free_guidance(denoiser: Denoiser, cond: Any, uncond: Any, guidance_scale,
-                             guidance_rescale=0.0, scale_fn: Callable[[Array], Array] | None = None
-                             ) -> Callable[[Array, Array], Array]:
+                             guidance_rescale=0.0, scale_fn: Callable[[Array], Array] | None = None,
+                             skip_unguided: bool = False) -> Callable[[Array, Array], Array]:
     """Wrap ``denoiser(x_t, t, cond)`` into the ``model_fn(x_t, t)`` the samplers call, guided with scale w.
 
     ``cond`` and ``uncond`` are pytrees of the same structure (e.g. text states and mask for the prompts and
@@ -104,21 +104,31 @@ def classifier_free_guidance(denoiser: Denoiser, cond: Any, uncond: Any, guidanc
     [x_t; x_t] with [uncond; cond] and combines the halves with ``cfg_combine``. A learned-variance output
     (twice the channels of x_t) is guided on its prediction channels only; the variance channels are the
     conditional model's (as DiT's sampling does). ``scale_fn(t)`` (:func:`guidance_scale_fn`), when given, is
-    the scale of each example at its timestep, in place of ``guidance_scale``.
+    the scale of each example at its timestep, in place of ``guidance_scale``; with ``skip_unguided`` a call
+    where every example's scale is 1 (outside a guidance interval) runs the conditional branch alone
+    (``lax.cond``: half the network's work; the network is compiled twice).
     """
 
     def model_fn(x_t: Array, t: Array) -> Array:
         _check_batch(x_t, cond, "cond")
         _check_batch(x_t, uncond, "uncond")
+        b = x_t.shape[0]
+        if scale_fn is None:
+            return guided(x_t, t, guidance_scale)
+        w = scale_fn(jnp.broadcast_to(t, (b,)))
+        per_example = w.reshape((b,) + (1,) * (x_t.ndim - 1))
+        if not skip_unguided:
+            return guided(x_t, t, per_example)
+        return jax.lax.cond(jnp.all(w == 1.0), lambda: denoiser(x_t, t, cond).astype(jnp.float32),
+                            lambda: guided(x_t, t, per_example))
+
+    def guided(x_t: Array, t: Array, w) -> Array:
         b, c = x_t.shape[0], x_t.shape[-1]
-        w = guidance_scale
-        if scale_fn is not None:
-            w = scale_fn(jnp.broadcast_to(t, (b,))).reshape((b,) + (1,) * (x_t.ndim - 1))
         out = denoiser(jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t, t], 0), _batch_concat(uncond, cond))
         out = out.astype(jnp.float32)
         if out.shape[-1] == 2 * c:
-            guided = cfg_combine(out[:b, ..., :c], out[b:, ..., :c], w, guidance_rescale)
-            return jnp.concatenate([guided, out[b:, ..., c:]], axis=-1)
+            mixed = cfg_combine(out[:b, ..., :c], out[b:, ..., :c], w, guidance_rescale)
+            return jnp.concatenate([mixed, out[b:, ..., c:]], axis=-1)
         return cfg_combine(out[:b], out[b:], w, guidance_rescale)
 
     return model_fn

@@ -14,6 +14,10 @@ Weightings are defined on the ε scale and converted, using ‖ε - ε̂‖² = 
   eq. 9): w_x0 = min(SNR, γ), i.e. w_ε = min(SNR, γ)/SNR and w_v = min(SNR, γ)/(SNR + 1);
 - ``p2``: perception-prioritised weighting (Choi et al. 2022, eq. 8): w_ε = 1 / (k + SNR)^γ.
 
+The timesteps need not be uniform (``timestep_sampler``): ``log_normal`` draws the noise level as EDM does
+(Karras et al. 2022, §5, Table 1: ln σ ~ N(P_mean, P_std²), σ = √((1-ᾱ)/ᾱ)) and takes the schedule's nearest
+timestep, spending the steps on the middle noise levels that matter most for sample quality.
+
 Classifier-free guidance needs a model that also knows the unconditional case: with probability
 ``cond_drop_prob`` an example's conditioning is replaced by the unconditional one (Ho & Salimans 2021).
 
@@ -36,6 +40,7 @@ from diffjax.schedules import NoiseSchedule
 
 Array = jax.Array
 WEIGHTINGS = ("none", "min_snr", "p2")
+TIMESTEP_SAMPLERS = ("uniform", "log_normal")
 
 
 class LossOutput(NamedTuple):
@@ -111,6 +116,28 @@ def loss_weight(snr: Array, prediction_type: str = "eps", weighting: str = "none
             return w_eps * snr
         return w_eps * snr / (snr + 1.0)
     raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+
+
+def timestep_sampler(schedule: NoiseSchedule, name: str = "uniform", mean: float = -1.2,
+                     std: float = 1.2) -> Callable[[Array], Array]:
+    """``sample(key) -> t`` (int32 scalar) for training: ``uniform`` t ~ U{0..T-1}, or ``log_normal``: ln σ ~
+    N(mean, std²) mapped to the timestep of the nearest noise level (log σ interpolated over the schedule's σ_t,
+    rounded, clipped to 0..T-1)."""
+    num_timesteps = schedule.num_timesteps
+    if name == "uniform":
+        return lambda key: jax.random.randint(key, (), 0, num_timesteps)
+    if name != "log_normal":
+        raise ValueError(f"timestep sampling {name!r}: expected one of {', '.join(TIMESTEP_SAMPLERS)}")
+    if not std > 0:
+        raise ValueError(f"the log-normal timestep sampling needs std > 0, got {std}")
+    log_sigmas = jnp.log(jnp.asarray(schedule.sigmas, jnp.float32))  # increasing in t
+
+    def sample(key: Array) -> Array:
+        log_sigma = mean + std * jax.random.normal(key, (), jnp.float32)
+        t = jnp.interp(log_sigma, log_sigmas, jnp.arange(num_timesteps, dtype=jnp.float32))
+        return jnp.clip(jnp.round(t), 0, num_timesteps - 1).astype(jnp.int32)
+
+    return sample
 
 
 def select_condition(drop: Array, cond: Any, uncond: Any) -> Any:

@@ -55,9 +55,9 @@ class Text2Image:
       sampler, num_steps, guidance_scale, timestep_spacing: the defaults of every call.
       guidance_schedule, guidance_interval: how the guidance scale varies with the noise level
         (``diffjax.guidance.guidance_scale_fn``): ``"constant"``, ``"linear"`` or ``"cosine"`` over the
-        timesteps, and (σ_lo, σ_hi) outside which no guidance is applied (None: everywhere); defaults of every
-        call, which also takes them as keywords. Both are traced: changing the interval (or the scale) does
-        not recompile.
+        timesteps, and (σ_lo, σ_hi) outside which no guidance is applied and the steps run the conditional
+        branch alone (None: everywhere); defaults of every call, which also takes them as keywords. The
+        interval's ends are traced: changing them (or the scale) does not recompile.
       sampler_options: further defaults (e.g. ``steps_offset``, DDIM's ``final_alpha_cumprod``), each given to
         the samplers that take it.
       mesh: devices to shard each chunk's batch over (default: all devices on one ``data`` axis).
@@ -345,8 +345,9 @@ class Text2Image:
         return np.broadcast_to(fill[..., None], (n, h, w, c)).astype(bool)
 
     def _compiled_fn(self, kind: str, sampler: str, num_steps: int, guided: bool, start_step: int,
-                     options: tuple, latent_out: bool, guidance_schedule: str = "constant") -> Any:
-        key = (kind, sampler, num_steps, guided, start_step, options, latent_out, guidance_schedule)
+                     options: tuple, latent_out: bool, guidance_schedule: str = "constant",
+                     guidance_interval: bool = False) -> Any:
+        key = (kind, sampler, num_steps, guided, start_step, options, latent_out, guidance_schedule, guidance_interval)
         if key in self._compiled:
             return self._compiled[key]
         fn_params = inspect.signature(samplers.get_sampler(sampler)).parameters
@@ -373,7 +374,9 @@ class Text2Image:
                 neg = encoder.encode(text_params, jnp.broadcast_to(neg_ids, (b,) + neg_ids.shape[1:]),
                                      jnp.broadcast_to(neg_mask, (b,) + neg_mask.shape[1:]), trainable=False)
                 scale_fn = guidance.guidance_scale_fn(scale, models.schedule, guidance_schedule, interval)
-                model = guidance.classifier_free_guidance(denoiser, cond, neg, scale, scale_fn=scale_fn)
+                # Outside a guidance interval the steps run the conditional branch alone (half the work).
+                model = guidance.classifier_free_guidance(denoiser, cond, neg, scale, scale_fn=scale_fn,
+                                                          skip_unguided=guidance_interval)
             else:
                 def model(x, t):
                     return denoiser(x, t, cond)
@@ -431,12 +434,14 @@ class Text2Image:
                                                                 self.defaults["guidance_schedule"]))
         interval = check_guidance_interval(sampler_options.pop("guidance_interval",
                                                                self.defaults["guidance_interval"]))
-        interval = (-1.0, math.inf) if interval is None else interval
+        has_interval = interval is not None
+        interval = interval or (-1.0, math.inf)
         n = len(prompts)
         ndev = self.mesh.devices.size
         chunk = max(ndev, -(-min(int(batch_size), n) // ndev) * ndev)
         fn = self._compiled_fn(kind, sampler, num_steps, scale != 1.0, start_step,
-                               tuple(sorted(sampler_options.items())), output_type == "latent", schedule)
+                               tuple(sorted(sampler_options.items())), output_type == "latent", schedule,
+                               has_interval)
         enc = self.models.text_encoder
         ids, mask = enc.tokenize(prompts)
         neg_ids, neg_mask = enc.tokenize([negative_prompt])

@@ -161,13 +161,17 @@ def _loss_options(dc: ml_collections.ConfigDict, models: Models) -> dict:
                 p2_gamma=dc.p2_gamma, p2_k=dc.p2_k, learned_variance=models.learns_variance)
 
 
-def _per_example_randomness(step_key: Array, index: Array, shape, num_timesteps: int, drop_prob):
+def _per_example_randomness(step_key: Array, index: Array, shape, num_timesteps: int, drop_prob,
+                            sample_t: Optional[Callable[[Array], Array]] = None):
     """t, ε, the condition-dropout flag and the autoencoder's posterior noise of each example from
-    fold_in(step_key, global index); ``shape`` is the diffusion's (the latents' for a latent model)."""
+    fold_in(step_key, global index); ``shape`` is the diffusion's (the latents' for a latent model); t uniform
+    over 0..num_timesteps-1 unless ``sample_t(key)`` (``losses.timestep_sampler``) draws it."""
+    if sample_t is None:
+        sample_t = lambda key: jax.random.randint(key, (), 0, num_timesteps)  # noqa: E731
 
     def one(i):
         kt, kn, kd, kz = jax.random.split(jax.random.fold_in(step_key, i), 4)
-        return (jax.random.randint(kt, (), 0, num_timesteps), jax.random.normal(kn, shape, jnp.float32),
+        return (sample_t(kt), jax.random.normal(kn, shape, jnp.float32),
                 jax.random.uniform(kd) < drop_prob, jax.random.normal(kz, shape, jnp.float32))
 
     return jax.vmap(one)(index)
@@ -209,6 +213,8 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
     encoder = models.text_encoder
     decay, warmup = float(config.ema.decay), bool(config.ema.warmup)
     spike_sigma = float(config.training.loss_spike_sigma)
+    sample_t = losses.timestep_sampler(models.schedule, dc.get("timestep_sampling", "uniform"),
+                                       dc.get("log_normal_mean", -1.2), dc.get("log_normal_std", 1.2))
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         b = batch["token_ids"].shape[0]
@@ -219,7 +225,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
             dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
         t, noise, drop, z_noise = _per_example_randomness(step_key, offset + jnp.arange(b),
                                                           diffusion_shape(models, batch),
-                                                          models.schedule.num_timesteps, dc.cond_drop_prob)
+                                                          models.schedule.num_timesteps, dc.cond_drop_prob, sample_t)
         x0 = diffusion_inputs(models, state.frozen, batch, z_noise)
         ids, mask = losses.select_condition(drop, (batch["token_ids"], batch["mask"]), (uncond_ids, uncond_mask))
 

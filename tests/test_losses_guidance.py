@@ -196,6 +196,16 @@ def test_cfg_with_a_per_example_scale():
     np.testing.assert_allclose(out, unc + per_example[:, None, None, None] * (cond - unc), rtol=1e-6, atol=1e-6)
 
 
+def test_cfg_outside_the_interval_runs_the_conditional_branch_alone():
+    cond, unc = _denoiser(X, T, COND), _denoiser(X, T, UNCOND)
+    for w, want in ((1.0, cond), (3.0, unc + 3.0 * (cond - unc))):
+        fn = guidance.classifier_free_guidance(_denoiser, COND, UNCOND, w, scale_fn=lambda t, w=w: jnp.full(3, w),
+                                               skip_unguided=True)
+        np.testing.assert_allclose(jax.jit(fn)(X, T), want, rtol=1e-6, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(fn)(X, T))
+    assert "cond[" in jaxpr  # one branch runs: the doubled batch only when some example is guided
+
+
 def test_cfg_batch_mismatch_error():
     with pytest.raises(ValueError, match="cond leaves need a leading batch axis of size 2"):
         guidance.classifier_free_guidance(_denoiser, COND, UNCOND, 3.0)(X[:2], T[:2])
@@ -280,3 +290,19 @@ def test_guidance_of_a_learned_variance_output_guides_the_prediction_channels_on
     out = guidance.classifier_free_guidance(denoiser, cond, uncond, 4.0)(x, jnp.zeros(2))
     np.testing.assert_allclose(out[..., :2], x + 4.0, rtol=1e-6)  # uncond + 4 (cond - uncond)
     np.testing.assert_allclose(out[..., 2:], 2 * x - 1.0, rtol=1e-6)  # the conditional model's variance
+
+
+def test_log_normal_timesteps_follow_edm_noise_levels():
+    """ln σ(t) of the sampled timesteps ~ N(P_mean, P_std²) (up to the rounding to the schedule's timesteps);
+    uniform sampling is the integer uniform of before."""
+    from diffjax import losses, schedules
+
+    sched = schedules.get_schedule("cosine", 1000)
+    keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+    t = jax.vmap(losses.timestep_sampler(sched, "log_normal", -1.2, 1.2))(keys)
+    log_sigma = np.log(np.asarray(sched.sigmas))[np.asarray(t)]
+    assert abs(log_sigma.mean() + 1.2) < 0.03 and abs(log_sigma.std() - 1.2) < 0.03
+    uniform = jax.vmap(losses.timestep_sampler(sched))(keys)
+    np.testing.assert_array_equal(uniform, jax.vmap(lambda k: jax.random.randint(k, (), 0, 1000))(keys))
+    with pytest.raises(ValueError, match="timestep sampling 'beta': expected one of uniform, log_normal"):
+        losses.timestep_sampler(sched, "beta")

@@ -41,6 +41,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     choice("diffusion.schedule", d.schedule, schedules.SCHEDULES)
     choice("diffusion.prediction_type", d.prediction_type, schedules.PREDICTION_TYPES)
     choice("diffusion.loss_weighting", d.loss_weighting, losses.WEIGHTINGS)
+    choice("diffusion.timestep_sampling", d.timestep_sampling, losses.TIMESTEP_SAMPLERS)
+    if not d.log_normal_std > 0:
+        raise ValueError(f"config.diffusion.log_normal_std={d.log_normal_std} must be > 0")
     choice("sampling.sampler", config.sampling.sampler, tuple(samplers.SAMPLERS))
     choice("sampling.timestep_spacing", config.sampling.timestep_spacing, samplers.SPACINGS)
     choice("sampling.guidance_schedule", config.sampling.guidance_schedule, guidance.GUIDANCE_SCHEDULES)

@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.p2_gamma = 1.0  # γ of P2 weighting
     config.diffusion.p2_k = 1.0  # k of P2 weighting
     config.diffusion.cond_drop_prob = 0.1  # fraction of prompts replaced by "" (classifier-free guidance)
+    config.diffusion.timestep_sampling = "uniform"  # uniform | log_normal (EDM: ln σ ~ N(mean, std²)) in training
+    config.diffusion.log_normal_mean = -1.2  # P_mean of the log-normal noise levels
+    config.diffusion.log_normal_std = 1.2  # P_std of the log-normal noise levels
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-4  # peak learning rate
