@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from diffjax.data._builder import LocalBuilder, prepare_once
-from diffjax.data.sources import DataSource, _split_names, as_text, prepare_image
+from diffjax.data.sources import DataSource, as_text, prepare_image, split_names
 from diffjax.pixels import from_uint8
 
 __all__ = ["InMemoryLatents", "LatentEncoder", "PrecomputedLatents", "latent_source"]
@@ -196,7 +196,7 @@ def latent_source(images: DataSource, config, split: str, encoder: LatentEncoder
     ``split`` names, unsliced).  Returns a :class:`DataSource` whose records are latents (``latents=True``),
     with the image source's labels, captions and captioner.
     """
-    bases = tuple(dict.fromkeys(_split_names(split))) or (split,)
+    bases = tuple(dict.fromkeys(split_names(split))) or (split,)
     flips = bool(config.random_flip)
     dtype = str(config.latents_dtype)
     latent_shape = encoder.latent_shape(images.image_shape)

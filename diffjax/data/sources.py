@@ -32,7 +32,7 @@ from diffjax.data.fashion_mnist import prepare_fashion_mnist
 from diffjax.data.image_folder import prepare_image_folder
 from diffjax.data.images import fit_image, set_channels
 
-__all__ = ["DataSource", "InMemorySource", "as_text", "load_source"]
+__all__ = ["DataSource", "InMemorySource", "as_text", "load_source", "split_names"]
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,14 @@ def _data_dir(config) -> str | None:
     return os.path.expanduser(config.data_dir) if config.data_dir else None
 
 
-def _split_names(split: str) -> list[str]:
+def split_names(split: str) -> list[str]:
+    """The base split names of a tfds split string: ``"train[:95%]+test"`` -> ``["train", "test"]``."""
     return [re.match(r"\s*([\w\-]+)", part).group(1) for part in split.split("+") if re.match(r"\s*[\w\-]+", part)]
 
 
 def _check_split(builder, name: str, split: str) -> None:
     available = list(builder.info.splits.keys())
-    for base in _split_names(split) or [split]:
+    for base in split_names(split) or [split]:
         if base not in available:
             raise ValueError(
                 f"split {split!r} is not in dataset {name!r} (data.name); available splits: {', '.join(available)}"
