@@ -237,7 +237,7 @@ def latent_source(images: DataSource, config, split: str, encoder: LatentEncoder
                              label_key="label" if builder_config.has_label else None,
                              caption_key="caption" if builder_config.has_caption else None,
                              data_dir=str(builder.data_dir), latents=True)
-    per_example = int(np.prod(latent_shape)) * np.dtype(dtype).itemsize * (4 if flips else 2)
+    per_example = int(np.prod(latent_shape)) * 4 * (4 if flips else 2)  # held as float32 in memory
     limit = int(config.cache_max_mb) * 2**20
     if limit > 0 and len(ds) * per_example <= limit:
         ds.source = _in_memory(ds)
