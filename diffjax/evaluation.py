@@ -283,11 +283,9 @@ def class_conditioned_prompts(info, images_per_class: int,
     """Prompts for ``images_per_class`` images of each class, cycling through the caption templates (image j
     of class c uses template j mod T with c's canonical phrase), and their labels. ``templates``: wordings of
     one's own (e.g. held out from training) instead of the dataset's."""
-    from diffjax.data.captions import class_prompts
+    from diffjax.data.captions import check_templates, class_prompts
 
-    templates = tuple(templates or info.captioner.templates)
-    if any(not isinstance(t, str) or "{}" not in t for t in templates):
-        raise ValueError(f"evaluation.prompt_templates must be strings with a '{{}}' placeholder, got {templates!r}")
+    templates = check_templates(templates, "evaluation.prompt_templates") if templates else info.captioner.templates
     per_template = [class_prompts(t, templates=templates, phrases=info.captioner.phrases)
                     for t in range(len(templates))]
     prompts, labels = [], []
@@ -350,11 +348,13 @@ def evaluate_text2image(pipe, data_config, classifier: FeatureNet, *, images_per
     }
     if guidance_scales:
         sweep = {k: v for k, v in generate_kwargs.items() if k != "guidance_scale"}
+        main_scale = float(generate_kwargs.get("guidance_scale", pipe.defaults["guidance_scale"]))
         metrics["frontier"] = []
-        for w in guidance_scales:
-            at_w = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=progress, guidance_scale=float(w),
-                                 **sweep)
-            metrics["frontier"].append({"guidance_scale": float(w), **measure(at_w)[1]})
+        for w in map(float, guidance_scales):
+            if w != main_scale:  # the main scale's images are measured already
+                at_w = pipe.generate(prompts, seed=seed, batch_size=batch_size, progress=progress, guidance_scale=w,
+                                     **sweep)
+            metrics["frontier"].append({"guidance_scale": w, **(measured if w == main_scale else measure(at_w)[1])})
     if inception_weights:
         from diffjax.models import inception
 

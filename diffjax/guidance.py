@@ -63,6 +63,13 @@ def cfg_combine(pred_uncond: Array, pred_cond: Array, guidance_scale, guidance_r
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
 
 
+def check_guidance_schedule(name) -> str:
+    """``name`` if it is one of :data:`GUIDANCE_SCHEDULES`, else a one-line ValueError naming them."""
+    if name not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {name!r}")
+    return name
+
+
 def guidance_scale_fn(guidance_scale, noise_schedule, guidance_schedule: str = "constant",
                       interval=None) -> Callable[[Array], Array]:
     """``w(t)``: the guidance scale of each example at (possibly fractional) timesteps ``t`` (shape (B,)).
@@ -71,8 +78,7 @@ def guidance_scale_fn(guidance_scale, noise_schedule, guidance_schedule: str = "
     (σ_lo, σ_hi): outside σ_lo < σ(t) ≤ σ_hi the scale is 1 (the conditional model alone), with σ(t) =
     √((1 - ᾱ_t) / ᾱ_t) interpolated between integer timesteps as the samplers do.
     """
-    if guidance_schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(f"guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {guidance_schedule!r}")
+    check_guidance_schedule(guidance_schedule)
     num_timesteps = noise_schedule.num_timesteps
     sigmas = jnp.asarray(noise_schedule.sigmas, jnp.float32)
 

@@ -81,7 +81,7 @@ class Text2Image:
         self.denoiser_params, self.text_params, self.vae_params = denoiser_params, text_params, vae_params
         self.image_shape = tuple(int(d) for d in image_shape)
         self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale),
-                             guidance_schedule=_check_guidance_schedule(guidance_schedule),
+                             guidance_schedule=guidance.check_guidance_schedule(guidance_schedule),
                              guidance_interval=check_guidance_interval(guidance_interval))
         self.timestep_spacing = timestep_spacing
         self.sampler_options = dict(sampler_options or {})
@@ -430,7 +430,7 @@ class Text2Image:
         if not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         sampler_options = dict(sampler_options)
-        schedule = _check_guidance_schedule(sampler_options.pop("guidance_schedule",
+        schedule = guidance.check_guidance_schedule(sampler_options.pop("guidance_schedule",
                                                                 self.defaults["guidance_schedule"]))
         interval = check_guidance_interval(sampler_options.pop("guidance_interval",
                                                                self.defaults["guidance_interval"]))
@@ -476,12 +476,6 @@ class Text2Image:
                 x = multihost_utils.process_allgather(x, tiled=True)
             out.append(self._finish(x, output_type)[: min(chunk, n - s)])
         return np.concatenate(out)
-
-
-def _check_guidance_schedule(name) -> str:
-    if name not in guidance.GUIDANCE_SCHEDULES:
-        raise ValueError(f"guidance_schedule must be one of {', '.join(guidance.GUIDANCE_SCHEDULES)}, got {name!r}")
-    return name
 
 
 def check_guidance_interval(interval, what: str = "guidance_interval") -> Optional[tuple[float, float]]:

@@ -162,10 +162,11 @@ def evaluate() -> None:
     try:
         data_config = validate_data_config((pipe.config or FLAGS.config).data)
         classifier = evaluation.FeatureNet.from_checkpoint(ec.classifier_workdir)
+        from diffjax.data.captions import check_templates
+
         templates = tuple(ec.get("prompt_templates", ()))
-        if any(not isinstance(t, str) or "{}" not in t for t in templates):
-            raise ValueError(f"config.evaluation.prompt_templates must be strings with a '{{}}' placeholder, got "
-                             f"{templates!r}")
+        if templates:
+            check_templates(templates, "config.evaluation.prompt_templates")
         scales = [float(w) for w in FLAGS.guidance_scales]
         if any(not math.isfinite(w) or w < 0 for w in scales):
             raise ValueError(f"--guidance_scales must be finite numbers >= 0, got {','.join(FLAGS.guidance_scales)}")

@@ -30,6 +30,7 @@ __all__ = [
     "LabelCaptioner",
     "article_for",
     "caption_for",
+    "check_templates",
     "class_prompts",
     "format_caption",
     "phrases_from_names",
@@ -129,6 +130,15 @@ def caption_for(
         raise ValueError(f"label {label} out of range for {len(phrases)} classes")
     options = phrases[int(label)]
     return format_caption(templates[template_index % len(templates)], options[phrase_index % len(options)])
+
+
+def check_templates(templates: Sequence[str], what: str) -> tuple[str, ...]:
+    """``templates`` as a tuple if it is a non-empty sequence of strings with a ``{}`` placeholder, else a
+    one-line ValueError naming ``what`` (the config key)."""
+    templates = tuple(templates)
+    if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
+        raise ValueError(f"{what} must be strings with a '{{}}' placeholder, got {templates!r}")
+    return templates
 
 
 def class_prompts(

@@ -57,7 +57,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from diffjax.data.captions import DEFAULT_TEMPLATES, LabelCaptioner, class_prompts
+from diffjax.data.captions import DEFAULT_TEMPLATES, LabelCaptioner, check_templates, class_prompts
 from diffjax.data.images import RESIZE_MODES
 from diffjax.data.latents import LATENTS_DTYPES, LatentEncoder, latent_source, read_latents
 from diffjax.data.sources import DataSource, InMemorySource, as_text, load_source, prepare_image
@@ -134,9 +134,7 @@ def validate_data_config(config) -> ml_collections.ConfigDict:
     for key in ("image_size", "cache_max_mb", "num_threads", "prefetch_batches", "num_workers"):
         if int(config[key]) < 0:
             raise ValueError(f"data.{key} must be >= 0, got {config[key]!r}")
-    templates = tuple(config.caption_templates)
-    if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
-        raise ValueError(f"data.caption_templates must be strings with a '{{}}' placeholder, got {templates!r}")
+    check_templates(config.caption_templates, "data.caption_templates")
     if not str(config.name):
         raise ValueError("data.name is empty: use 'fashion_mnist', 'image_folder' or a tfds dataset name")
     return config

@@ -43,6 +43,7 @@ __all__ = ["InMemoryLatents", "LatentEncoder", "PrecomputedLatents", "latent_sou
 log = logging.getLogger(__name__)
 
 LATENTS_DTYPES = ("float32", "float16")
+MOMENTS = ("mean", "logvar", "mean_flipped", "logvar_flipped")  # the record keys of the posterior moments
 
 
 class LatentEncoder:
@@ -239,28 +240,19 @@ def latent_source(images: DataSource, config, split: str, encoder: LatentEncoder
                              data_dir=str(builder.data_dir), latents=True)
     per_example = int(np.prod(latent_shape)) * 4 * (4 if flips else 2)  # held as float32 in memory
     limit = int(config.cache_max_mb) * 2**20
-    if limit > 0 and len(ds) * per_example <= limit:
+    if limit > 0 and 0 < len(ds) * per_example <= limit:
         ds.source = _in_memory(ds)
     return ds
 
 
 def _in_memory(ds: DataSource, chunk: int = 1024) -> InMemoryLatents:
-    n, src = len(ds.source), ds.source
-    keys = [k for k in ("mean", "logvar", "mean_flipped", "logvar_flipped") if k in src[0]] if n else []
-    arrays = {k: np.empty((n, *ds.image_shape), np.float32) for k in keys}
+    """The whole split read with :func:`read_latents`, ``chunk`` records at a time."""
+    parts = [read_latents(ds.source, np.arange(lo, min(len(ds), lo + chunk)), ds.label_key, ds.caption_key)
+             for lo in range(0, len(ds), chunk)]
+    arrays = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
     if ds.label_key:
-        arrays["label"] = np.empty((n,), np.int32)
-    captions = [] if ds.caption_key else None
-    for lo in range(0, n, chunk):
-        indices = list(range(lo, min(n, lo + chunk)))
-        for i, record in zip(indices, src.__getitems__(indices)):
-            for k in keys:
-                arrays[k][i] = record[k]
-            if ds.label_key:
-                arrays["label"][i] = record[ds.label_key]
-            if captions is not None:
-                captions.append(as_text(record[ds.caption_key]))
-    return InMemoryLatents(arrays, captions)
+        arrays["label"] = np.concatenate([p[1] for p in parts])
+    return InMemoryLatents(arrays, [c for p in parts for c in p[2]] if ds.caption_key else None)
 
 
 def read_latents(source: Any, indices: np.ndarray, label_key, caption_key):
@@ -269,7 +261,7 @@ def read_latents(source: Any, indices: np.ndarray, label_key, caption_key):
         arrays, captions = source.take(indices)
         return arrays, arrays.pop("label", None), captions
     records = source.__getitems__(indices.tolist())
-    keys = [k for k in ("mean", "logvar", "mean_flipped", "logvar_flipped") if k in records[0]]
+    keys = [k for k in MOMENTS if k in records[0]]
     arrays = {k: np.stack([np.asarray(r[k], np.float32) for r in records]) for k in keys}
     labels = np.array([r[label_key] for r in records], np.int32) if label_key else None
     captions = [as_text(r[caption_key]) for r in records] if caption_key else None
