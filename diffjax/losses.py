@@ -49,6 +49,7 @@ class LossOutput(NamedTuple):
     weights: Array  # (B,) w(t)
     t: Array  # (B,) sampled timesteps
     vlb: Optional[Array] = None  # (B,) the variational-bound term L_t in bits/dim (learned variance only)
+    x0_pred: Optional[Array] = None  # (B, ...) the model's x̂0 (differentiable; the alignment term's input)
 
 
 def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
@@ -205,9 +206,79 @@ def diffusion_loss(rng: Array, model_fn: Callable[[Array, Array, Any], Array], s
         raise ValueError(f"model output shape {pred.shape} does not match the target shape {target.shape}")
     mse = jnp.mean((pred - target) ** 2, axis=tuple(range(1, x0.ndim)))
     w = loss_weight(sch.snr(schedule, t), p, weighting, min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma, p2_k=p2_k)
+    x0_pred = sch.x0_from_prediction(pred, x_t, alpha, sigma, p)
     if v is None:
-        return LossOutput(loss=jnp.mean(w * mse), mse=mse, weights=w, t=t)
-    x0_pred = sch.x0_from_prediction(jax.lax.stop_gradient(pred), x_t, alpha, sigma, p)
-    vlb = vlb_term(schedule, x0, x_t, t, x0_pred, v)
+        return LossOutput(loss=jnp.mean(w * mse), mse=mse, weights=w, t=t, x0_pred=x0_pred)
+    vlb = vlb_term(schedule, x0, x_t, t, jax.lax.stop_gradient(x0_pred), v)
     return LossOutput(loss=jnp.mean(w * mse + vlb * (schedule.num_timesteps / 1000.0)), mse=mse, weights=w, t=t,
-                      vlb=vlb)
+                      vlb=vlb, x0_pred=x0_pred)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The image–text alignment term (config.alignment; the heads are diffjax.models.alignment).
+# --------------------------------------------------------------------------------------------------------
+
+ALIGNMENT_LOSSES = ("contrastive", "cosine")
+ALIGNMENT_WEIGHTINGS = ("none", "alpha_cumprod")
+
+
+def l2_normalize(x: Array) -> Array:
+    """x / ‖x‖ along the last axis, in float32 (0 stays 0)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def contrastive_alignment_loss(image_emb: Array, text_emb: Array, logit_scale, valid: Optional[Array] = None,
+                               positives: Optional[Array] = None) -> Array:
+    """Per example, the symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3) over the batch:
+
+        s_ij = e^τ cos(u_i, v_j),   ℓ_i = ½ [ -Σ_j p_ij log softmax_j(s_i·) - Σ_j p_ji log softmax_j(s_·i) ],
+
+    u the image embeddings (B, D), v the text embeddings (B, D), τ the learned log inverse temperature
+    (``logit_scale``), and p_i· the target distribution over the batch: one-hot on i, or uniform over the
+    examples whose prompt is the same as i's when ``positives`` (B, B) bool says which (identical captions in a
+    batch are not negatives of each other; the diagonal must be set). Examples with ``valid`` False (prompts
+    dropped for classifier-free guidance) are neither anchors nor candidates: their ℓ is 0 and they appear in
+    no softmax. Returns ℓ, shape (B,)."""
+    u, v = l2_normalize(image_emb), l2_normalize(text_emb)
+    b = u.shape[0]
+    valid = jnp.ones((b,), bool) if valid is None else valid.astype(bool)
+    pos = jnp.eye(b, dtype=bool) if positives is None else positives.astype(bool)
+    pair = valid[:, None] & valid[None, :]
+    logits = jnp.exp(jnp.asarray(logit_scale, jnp.float32)) * (u @ v.T)
+    logits = jnp.where(pair, logits, -jnp.inf)
+    target = jnp.where(pair & pos, 1.0, 0.0)
+    target = target / jnp.maximum(jnp.sum(target, axis=1, keepdims=True), 1.0)
+    target_t = jnp.where(pair & pos.T, 1.0, 0.0)
+    target_t = target_t / jnp.maximum(jnp.sum(target_t, axis=1, keepdims=True), 1.0)
+
+    def cross_entropy(lg, tg):  # rows of logits with -inf outside the valid pairs; rows of invalid anchors: 0
+        safe = jnp.where(valid[:, None], lg, 0.0)
+        logp = jax.nn.log_softmax(safe, axis=1)
+        return -jnp.sum(jnp.where(tg > 0, tg * logp, 0.0), axis=1)
+
+    per = 0.5 * (cross_entropy(logits, target) + cross_entropy(logits.T, target_t))
+    return jnp.where(valid, per, 0.0)
+
+
+def cosine_alignment_loss(image_emb: Array, text_emb: Array, valid: Optional[Array] = None) -> Array:
+    """Per example, 1 - cos(u_i, v_i): the distance of each image embedding from its own prompt's (B,); 0 where
+    ``valid`` is False."""
+    per = 1.0 - jnp.sum(l2_normalize(image_emb) * l2_normalize(text_emb), axis=-1)
+    return per if valid is None else jnp.where(valid.astype(bool), per, 0.0)
+
+
+def alignment_weight(schedule: NoiseSchedule, t: Array, weighting: str = "alpha_cumprod") -> Array:
+    """w(t) of the alignment term: ``none`` 1, or ``alpha_cumprod`` ᾱ_t = SNR / (1 + SNR), the fraction of
+    x_t's variance that is signal: ~1 where x̂0 is recoverable, → 0 where it is not (pure noise)."""
+    if weighting == "none":
+        return jnp.ones(jnp.shape(t), jnp.float32)
+    if weighting == "alpha_cumprod":
+        return jnp.asarray(schedule.alphas_cumprod, jnp.float32)[t]
+    raise ValueError(f"config.alignment.weighting={weighting!r}: expected one of {', '.join(ALIGNMENT_WEIGHTINGS)}")
+
+
+def same_prompt(token_ids: Array) -> Array:
+    """(B, B) bool: whether examples i and j have the same token ids (the positives of
+    :func:`contrastive_alignment_loss`)."""
+    return jnp.all(token_ids[:, None, :] == token_ids[None, :, :], axis=-1)

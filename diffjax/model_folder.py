@@ -9,6 +9,9 @@ Layout (one JSON config per component, as diffusers' pipelines are saved)::
       (a DiT instead: transformer/config.json, every DiTConfig field, and transformer/diffusion_params.safetensors)
     vae/config.json, vae/diffusion_params.safetensors
                                       a latent model's autoencoder: every VAEConfig field, its parameters
+    alignment/config.json, alignment/diffusion_params.safetensors
+                                      image–text alignment heads, when trained (config.alignment.weight > 0):
+                                      every AlignmentConfig field, their parameters (alignment guidance uses them)
     text_encoder/                     a transformers directory: config.json, model.safetensors, tokenizer files
                                       (FlaxCLIPTextModel / CLIPTokenizerFast load it too)
     scheduler/scheduler_config.json   the noise schedule and prediction type, and the sampling defaults
@@ -38,18 +41,20 @@ import jax
 import numpy as np
 
 from diffjax.models import factory
+from diffjax.models.alignment import heads_from_config
 from diffjax.text import TextEncoder
 
 FORMAT = "diffjax.Text2Image"
-FORMAT_VERSION = 2  # 2: transformer/ and vae/ components, sampler_options in scheduler_config.json
+FORMAT_VERSION = 3  # 2: transformer/ and vae/ components, sampler_options in scheduler_config.json; 3: alignment/
 INDEX = "model_index.json"
 NETWORK_CONFIG = "config.json"  # COMPONENT/config.json, COMPONENT "unet" or "transformer"
 NETWORK_PARAMS = "diffusion_params.safetensors"
 TEXT_ENCODER = "text_encoder"
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 SAMPLING_KEYS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing", "sampler_options",
-                 "guidance_schedule", "guidance_interval")
+                 "guidance_schedule", "guidance_interval", "alignment_guidance_scale")
 VAE = "vae"
+ALIGNMENT = "alignment"
 
 
 def _host(tree: Any) -> Any:
@@ -115,6 +120,8 @@ def save(pipe, directory: str) -> str:
     trees = {pipe.models.component: _host(pipe.denoiser_params), TEXT_ENCODER: _host(pipe.text_params)}
     if pipe.models.autoencoder is not None:
         trees[VAE] = _host(pipe.vae_params)
+    if pipe.models.alignment is not None:
+        trees[ALIGNMENT] = _host(pipe.alignment_params)
     for name, tree in trees.items():
         bad = [k for k, v in _flatten(tree).items() if not np.all(np.isfinite(v))]
         if bad:
@@ -147,7 +154,7 @@ def _write(pipe, directory: str, trees: dict) -> None:
             "text_encoder": TEXT_ENCODER, "scheduler": "scheduler"})
         for name in networks:
             _write_json(os.path.join(tmp, name, NETWORK_CONFIG), configs[name])
-            save_file({k: np.ascontiguousarray(v) for k, v in _flatten(trees[name]).items()},
+            save_file({k: np.require(v, requirements="C") for k, v in _flatten(trees[name]).items()},
                       os.path.join(tmp, name, NETWORK_PARAMS), metadata={"format": "diffjax"})
         sampling = dict(pipe.defaults, timestep_spacing=pipe.timestep_spacing, sampler_options=pipe.sampler_options)
         _write_json(os.path.join(tmp, SCHEDULER_CONFIG), {**configs["scheduler"], **sampling})
@@ -232,9 +239,9 @@ def _load_text_encoder(directory: str, max_length, with_params: bool = True) -> 
 
 def load(directory: str, place: Optional[Callable[[Any], Any]] = None,
          with_params: bool = True) -> tuple[factory.Models, dict, tuple, dict]:
-    """(models, {component: ..., "text": ...[, "vae": ...]}, image_shape, sampling defaults) of the model folder at
-    ``directory``. ``place`` maps the parameters' abstract tree to the same tree with target shardings (None: numpy
-    arrays on the host); ``with_params=False`` reads the configs only (params ``{}``)."""
+    """(models, {component: ..., "text": ...[, "vae": ...][, "alignment": ...]}, image_shape, sampling defaults) of
+    the model folder at ``directory``. ``place`` maps the parameters' abstract tree to the same tree with target
+    shardings (None: numpy arrays on the host); ``with_params=False`` reads the configs only (params ``{}``)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -257,18 +264,20 @@ def load(directory: str, place: Optional[Callable[[Any], Any]] = None,
         raise ValueError(f"{os.path.join(directory, INDEX)}: names {' and '.join(components) or 'no denoiser'}; "
                          f"expected exactly one of {', '.join(factory.COMPONENTS)}")
     component = components[0]
-    networks = [component] + ([VAE] if VAE in index else [])
+    networks = [component] + [name for name in (VAE, ALIGNMENT) if name in index]
     fields = {name: _read_json(directory, os.path.join(name, NETWORK_CONFIG)) for name in networks}
     scheduler = _read_json(directory, SCHEDULER_CONFIG)
     defaults = {k: scheduler.pop(k) for k in SAMPLING_KEYS if k in scheduler}
     encoder, text_params = _load_text_encoder(directory, index.get("text_max_length"), with_params)
     try:
-        models = factory.models_from_components(component, fields[component], encoder, scheduler, fields.get(VAE))
+        models = factory.models_from_components(component, fields[component], encoder, scheduler, fields.get(VAE),
+                                                fields.get(ALIGNMENT))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{directory}: {' '.join(str(e).split())}") from None
     if int(shape[2]) != models.image_channels:
         raise ValueError(f"{os.path.join(directory, INDEX)}: image_shape {shape} has {shape[2]} channels, "
-                         f"{os.path.join(networks[-1], NETWORK_CONFIG)} in_channels={models.image_channels}")
+                         f"{os.path.join(VAE if VAE in fields else component, NETWORK_CONFIG)} in_channels="
+                         f"{models.image_channels}")
     if not with_params:
         return models, {}, tuple(shape), defaults
     abstract = models.abstract_params()
@@ -373,7 +382,14 @@ def build(config, with_params: bool = True) -> tuple[factory.Models, dict]:
         network = type(models.network)(models.network_config.replace(**runtime, param_dtype="float32"))
         encoder = models.text_encoder.replace(trainable=config.text.trainable, dtype=jax.numpy.float32)
         vae = None if models.autoencoder is None else factory.in_dtype(models.autoencoder, "float32")
-        return (dataclasses.replace(models, network=network, text_encoder=encoder, autoencoder=vae),
+        # Alignment heads: the folder's (and their parameters) when it has them, else fresh ones of config.alignment;
+        # none when config.alignment.weight is 0.
+        heads = heads_from_config(config.get("alignment"), models.in_channels, encoder.hidden_size)
+        if heads is not None and models.alignment is not None:
+            heads = models.alignment
+        else:
+            params.pop(ALIGNMENT, None)
+        return (dataclasses.replace(models, network=network, text_encoder=encoder, autoencoder=vae, alignment=heads),
                 factory.cast_floating(params, "float32"))
     models, text_params = factory.build_models(config, with_text_params=with_params)
     params = {"text": text_params} if with_params else {}

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import guidance, samplers, sharding
+from diffjax import schedules as sch
 from diffjax.checkpoints import abstract_with_shardings
 from diffjax.models.autoencoder import decode_latents, encode_latents
 from diffjax.models.factory import Models
@@ -62,6 +63,10 @@ class Text2Image:
         the samplers that take it.
       mesh: devices to shard each chunk's batch over (default: all devices on one ``data`` axis).
       vae_params: a latent model's autoencoder parameters (``models.autoencoder``).
+      alignment_params, alignment_guidance_scale: the parameters of the image–text alignment heads
+        (``models.alignment``, trained with ``config.alignment.weight`` > 0) and the default scale s of alignment
+        guidance (``diffjax.guidance.alignment_guidance``: each step also ascends the similarity of x̂0 with its
+        prompt; 0: off). :meth:`with_alignment_clip` guides with a pretrained CLIP instead of the heads.
 
     A latent model (Rombach et al. 2022) samples the autoencoder's scaled latents and decodes them; img2img and
     inpainting encode the image first (the posterior mean), inpainting works on the mask max-pooled to the latent
@@ -76,13 +81,17 @@ class Text2Image:
                  sampler: str = "dpmpp_2m", num_steps: int = 25, guidance_scale: float = 3.0,
                  timestep_spacing: Optional[str] = None, sampler_options: Optional[dict] = None, mesh=None,
                  vae_params: Any = None, guidance_schedule: str = "constant",
-                 guidance_interval: Optional[Sequence[float]] = None):
+                 guidance_interval: Optional[Sequence[float]] = None, alignment_params: Any = None,
+                 alignment_guidance_scale: float = 0.0):
         self.models = models
         self.denoiser_params, self.text_params, self.vae_params = denoiser_params, text_params, vae_params
+        self.alignment_params = alignment_params
+        self.alignment_clip = None  # a diffjax.models.clip_guide.CLIPGuide (with_alignment_clip)
         self.image_shape = tuple(int(d) for d in image_shape)
         self.defaults = dict(sampler=sampler, num_steps=int(num_steps), guidance_scale=float(guidance_scale),
                              guidance_schedule=guidance.check_guidance_schedule(guidance_schedule),
-                             guidance_interval=check_guidance_interval(guidance_interval))
+                             guidance_interval=check_guidance_interval(guidance_interval),
+                             alignment_guidance_scale=check_alignment_scale(alignment_guidance_scale))
         self.timestep_spacing = timestep_spacing
         self.sampler_options = dict(sampler_options or {})
         self.mesh = sharding.create_mesh(1) if mesh is None else mesh
@@ -93,13 +102,27 @@ class Text2Image:
     def prediction_type(self) -> str:
         return self.models.prediction_type
 
-    def with_params(self, denoiser_params: Any, text_params: Any, vae_params: Any = None) -> "Text2Image":
+    def with_params(self, denoiser_params: Any, text_params: Any, vae_params: Any = None,
+                    alignment_params: Any = None) -> "Text2Image":
         """The same pipeline with other parameters (of the same shapes), sharing the compiled programs (the
-        autoencoder's stay unless given)."""
+        autoencoder's and the alignment heads' stay unless given)."""
         other = copy.copy(self)
         other.denoiser_params, other.text_params = denoiser_params, text_params
         if vae_params is not None:
             other.vae_params = vae_params
+        if alignment_params is not None:
+            other.alignment_params = alignment_params
+        return other
+
+    def with_alignment_clip(self, clip_model: str) -> "Text2Image":
+        """The same pipeline whose alignment guidance follows a pretrained CLIP (``FlaxCLIPModel`` and processor
+        at ``clip_model``: a local folder, or a Hub id when online) on the decoded x̂0, instead of the alignment
+        heads (``diffjax.models.clip_guide``)."""
+        from diffjax.models.clip_guide import CLIPGuide
+
+        other = copy.copy(self)
+        other.alignment_clip = CLIPGuide.from_pretrained(clip_model)
+        other._compiled = {}
         return other
 
     def to_dtype(self, dtype) -> "Text2Image":
@@ -157,6 +180,8 @@ class Text2Image:
         abstract = models.abstract_params()
         which = "ema_params" if use_ema else "params"
         target = {which: {models.component: abstract[models.component]}, "frozen": {}}
+        if models.alignment is not None:
+            target[which]["alignment"] = abstract["alignment"]
         if models.text_encoder.trainable:
             target[which]["text"] = abstract["text"]
         else:
@@ -178,9 +203,12 @@ class Text2Image:
                    timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=restored.get("frozen", {}).get("vae"),
                    guidance_schedule=sc.get("guidance_schedule", "constant"),
                    guidance_interval=check_guidance_interval(sc.get("guidance_interval", ""),
-                                                             "config.sampling.guidance_interval"))
+                                                             "config.sampling.guidance_interval"),
+                   alignment_params=params.get("alignment"),
+                   alignment_guidance_scale=config.get("alignment", {}).get("guidance_scale", 0.0))
         pipe.config, pipe.step = config, step
-        return pipe
+        clip_model = config.get("alignment", {}).get("clip_model", "")
+        return pipe.with_alignment_clip(clip_model) if clip_model else pipe
 
     def save_pretrained(self, directory: str) -> str:
         """Write a self-contained model folder (see :mod:`diffjax.model_folder`); returns its path."""
@@ -198,7 +226,7 @@ class Text2Image:
         mesh = sharding.create_mesh(1) if mesh is None else mesh
         models, params, image_shape, defaults = model_folder.load(directory, lambda tree: _with_shardings(tree, mesh))
         pipe = cls(models, params[models.component], params["text"], image_shape, mesh=mesh,
-                   vae_params=params.get("vae"), **defaults)
+                   vae_params=params.get("vae"), alignment_params=params.get("alignment"), **defaults)
         if dtype is not None:
             return pipe.to_dtype(dtype)
         saved = models.network_config.param_dtype  # a folder saved after to_dtype: every network in its dtype
@@ -229,13 +257,17 @@ class Text2Image:
     def generate(self, prompts: str | Sequence[str], *, negative_prompt: str = "", sampler: Optional[str] = None,
                  num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 64,
-                 progress: bool = False, output_type: str = "uint8", **sampler_options) -> np.ndarray:
+                 progress: bool = False, output_type: str = "uint8", alignment_guidance_scale: Optional[float] = None,
+                 **sampler_options) -> np.ndarray:
         """uint8 images (N, H, W, C), one per prompt, sampled with classifier-free guidance
         ε̃ = ε(x, ∅') + w (ε(x, c) - ε(x, ∅')), ∅' the negative prompt (default ""); w = 1 runs the
         conditional model alone. ``output_type``: ``"uint8"``, ``"float"`` (float32 in [-1, 1]) or, for a latent
-        model, ``"latent"`` (the sampled latents, not decoded). ``guidance_interval=(σ_lo, σ_hi)`` and
-        ``guidance_schedule=`` (here and in ``img2img`` / ``inpaint``) override the pipeline's defaults; other
-        keywords are sampler options."""
+        model, ``"latent"`` (the sampled latents, not decoded). ``guidance_interval=(σ_lo, σ_hi)``,
+        ``guidance_schedule=`` and ``alignment_guidance_scale=`` (here and in ``img2img`` / ``inpaint``) override the
+        pipeline's defaults; other keywords are sampler options. Alignment guidance (scale s > 0) needs the model's
+        alignment heads or a CLIP (:meth:`with_alignment_clip`); s is traced, a change does not recompile."""
+        if alignment_guidance_scale is not None:
+            sampler_options["alignment_guidance_scale"] = alignment_guidance_scale
         shape = self._output_shape(height, width)
         return self._run("txt2img", prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape,
                          batch_size, progress, sampler_options, output_type=output_type)
@@ -273,6 +305,19 @@ class Text2Image:
                          output_type=output_type)
 
     # ----------------------------------------------------------------------------------------------
+    def _alignment_source(self, scale: float) -> str:
+        """What alignment guidance at ``scale`` follows: "" (off), "clip" (with_alignment_clip) or "heads"; a
+        one-line ValueError when it is asked of a model with neither."""
+        if scale == 0:
+            return ""
+        if self.alignment_clip is not None:
+            return "clip"
+        if self.models.alignment is not None and self.alignment_params is not None:
+            return "heads"
+        raise ValueError(f"alignment_guidance_scale={scale:g} needs alignment heads (train with "
+                         f"config.alignment.weight > 0) or a CLIP (Text2Image.with_alignment_clip, "
+                         f"--alignment_clip), and this model has neither")
+
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this: the U-Net's total downsampling or the DiT's patch (times
@@ -346,8 +391,9 @@ class Text2Image:
 
     def _compiled_fn(self, kind: str, sampler: str, num_steps: int, guided: bool, start_step: int,
                      options: tuple, latent_out: bool, guidance_schedule: str = "constant",
-                     guidance_interval: bool = False) -> Any:
-        key = (kind, sampler, num_steps, guided, start_step, options, latent_out, guidance_schedule, guidance_interval)
+                     guidance_interval: bool = False, alignment: str = "") -> Any:
+        key = (kind, sampler, num_steps, guided, start_step, options, latent_out, guidance_schedule, guidance_interval,
+               alignment)
         if key in self._compiled:
             return self._compiled[key]
         fn_params = inspect.signature(samplers.get_sampler(sampler)).parameters
@@ -365,7 +411,7 @@ class Text2Image:
             opts.setdefault("denoised_fn", guidance.clip_x0)
 
         def run(denoiser_params, text_params, vae_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale,
-                interval, x0, fill):
+                interval, x0, fill, align_scale, align_params, clip_ids, clip_mask):
             encoder = models.text_encoder
             cond = encoder.encode(text_params, ids, mask, trainable=False)
             denoiser = models.denoiser(denoiser_params, with_variance=learned)
@@ -381,6 +427,10 @@ class Text2Image:
                 def model(x, t):
                     return denoiser(x, t, cond)
 
+            if alignment:
+                model = guidance.alignment_guidance(model, similarity(denoiser, cond, vae_params, align_params,
+                                                                      clip_ids, clip_mask),
+                                                    models.schedule, self.prediction_type, align_scale)
             z0, z_fill = x0, fill  # the sampler's space: pixels, or the autoencoder's scaled latents
             if vae is not None:
                 n, h, w, c = x0.shape
@@ -410,6 +460,21 @@ class Text2Image:
             images = jnp.clip(decode_latents(vae, vae_params, out), -1.0, 1.0)
             return jnp.where(fill, images, x0) if kind == "inpaint" else images
 
+        def similarity(denoiser, cond, vae_params, align_params, clip_ids, clip_mask):
+            """sim(x_t, t): the conditional x̂0's similarity with its prompt, by the heads or the CLIP."""
+            c, clip = models.in_channels, self.alignment_clip
+
+            def sim(x, t):
+                pred = denoiser(x, t, cond)[..., :c].astype(jnp.float32)
+                a, s = guidance.vp_coefficients(models.schedule, t, x.ndim)
+                x0 = sch.x0_from_prediction(pred, x, a, s, self.prediction_type)
+                if alignment == "heads":
+                    return models.alignment.similarity(align_params, x0, cond.pooled)
+                images = x0 if vae is None else decode_latents(vae, vae_params, x0)
+                return clip.similarity(align_params, images, clip_ids, clip_mask)
+
+            return sim
+
         fn = jax.jit(run)
         self._compiled[key] = fn
         return fn
@@ -436,15 +501,25 @@ class Text2Image:
                                                                self.defaults["guidance_interval"]))
         has_interval = interval is not None
         interval = interval or (-1.0, math.inf)
+        align_scale = check_alignment_scale(sampler_options.pop("alignment_guidance_scale",
+                                                                self.defaults["alignment_guidance_scale"]))
+        alignment = self._alignment_source(align_scale)
         n = len(prompts)
         ndev = self.mesh.devices.size
         chunk = max(ndev, -(-min(int(batch_size), n) // ndev) * ndev)
         fn = self._compiled_fn(kind, sampler, num_steps, scale != 1.0, start_step,
                                tuple(sorted(sampler_options.items())), output_type == "latent", schedule,
-                               has_interval)
+                               has_interval, alignment)
         enc = self.models.text_encoder
         ids, mask = enc.tokenize(prompts)
         neg_ids, neg_mask = enc.tokenize([negative_prompt])
+        align_params = None
+        clip_ids, clip_mask = ids, mask  # unused unless a CLIP guides
+        if alignment == "heads":
+            align_params = self.alignment_params
+        elif alignment == "clip":
+            align_params = self.alignment_clip.params
+            clip_ids, clip_mask = self.alignment_clip.tokenize(prompts)
         if x0 is None:
             x0 = np.zeros((n,) + tuple(shape), np.float32)
         if fill is None:
@@ -468,7 +543,8 @@ class Text2Image:
             args = [put(a[take], batch_sh) for a in (ids, mask)]
             args += [put(neg_ids, rep), put(neg_mask, rep), put(rows[take], batch_sh), seed_key,
                      jnp.float32(scale), jnp.asarray(interval, jnp.float32), put(x0[take], batch_sh),
-                     put(fill[take], batch_sh)]
+                     put(fill[take], batch_sh), jnp.float32(align_scale), align_params, put(clip_ids[take], batch_sh),
+                     put(clip_mask[take], batch_sh)]
             x = fn(self.denoiser_params, self.text_params, self.vae_params, *args)
             if jax.process_count() > 1:
                 from jax.experimental import multihost_utils
@@ -476,6 +552,17 @@ class Text2Image:
                 x = multihost_utils.process_allgather(x, tiled=True)
             out.append(self._finish(x, output_type)[: min(chunk, n - s)])
         return np.concatenate(out)
+
+
+def check_alignment_scale(scale, what: str = "alignment_guidance_scale") -> float:
+    """``scale`` as a finite float >= 0 (0: no alignment guidance); a one-line ValueError naming ``what`` otherwise."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0 (0: off), got {scale!r}")
+    return value
 
 
 def check_guidance_interval(interval, what: str = "guidance_interval") -> Optional[tuple[float, float]]:

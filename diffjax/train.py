@@ -16,7 +16,8 @@ Per step (Ho et al. 2020, Algorithm 1, with the text conditioning of Rombach et 
      (classifier-free guidance, Ho & Salimans 2021);
   2. the text encoder (frozen: under stop_gradient and outside the optimizer; or trained jointly) gives the
      per-token states, their mask and the pooled embedding;
-  3. ``losses.diffusion_loss`` with the sampled t and ε;
+  3. ``losses.diffusion_loss`` with the sampled t and ε, plus λ · the image–text alignment term on its x̂0 when
+     ``config.alignment.weight`` λ > 0 (``diffjax.models.alignment``);
   4. gradients (averaged over devices by the sharded jit, or ``pmean`` under pmap), clipped by global
      norm, AdamW with warmup + cosine decay, and an EMA of the parameters with warmup
      (decay_t = min(decay, (1 + t) / (10 + t)), as in TensorFlow's ExponentialMovingAverage).
@@ -35,6 +36,7 @@ import optax
 
 from diffjax import losses, model_folder, sharding
 from diffjax.checkpoints import abstract_with_shardings
+from diffjax.models.alignment import alignment_loss
 from diffjax.models.autoencoder import DiagonalGaussian, encode_latents, scale_latents
 from diffjax.models.factory import Models
 
@@ -44,7 +46,7 @@ Array = jax.Array
 @flax.struct.dataclass
 class TrainState:
     step: Array  # int32 scalar
-    params: Any  # {"unet" | "transformer": ..., "text": ... (when the text encoder is trained)}: what the optimizer updates
+    params: Any  # {"unet" | "transformer": ..., "text": ... (when trained), "alignment": ... (heads)}: what the optimizer updates
     ema_params: Any  # exponential moving average of ``params``
     opt_state: Any
     rng: Array  # uint32[2] key
@@ -108,6 +110,11 @@ def init_state(models: Models, image_shape: tuple[int, int, int], external: dict
         frozen["text"] = external["text"]
     if models.autoencoder is not None:
         frozen["vae"] = external["vae"]
+    if models.alignment is not None:  # the alignment heads: trained with the rest (a fine-tuned folder's, or fresh)
+        heads_rng = jax.random.fold_in(init_rng, 1)
+        start = external.get("alignment")
+        params["alignment"] = start if start is not None else models.alignment.init_params(
+            heads_rng, models.latent_shape(image_shape))
     ema = jax.tree_util.tree_map(jnp.array, params)  # a copy: donated buffers must be distinct
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=tx.init(params),
                       rng=state_rng, frozen=frozen, guard=init_guard())
@@ -215,6 +222,8 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
     spike_sigma = float(config.training.loss_spike_sigma)
     sample_t = losses.timestep_sampler(models.schedule, dc.get("timestep_sampling", "uniform"),
                                        dc.get("log_normal_mean", -1.2), dc.get("log_normal_std", 1.2))
+    ac = config.get("alignment")
+    heads = models.alignment
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         b = batch["token_ids"].shape[0]
@@ -236,9 +245,16 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
                                        with_variance=True)
             out = losses.diffusion_loss(step_key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
                                         **_loss_options(dc, models))
-            return out.loss, out
+            if heads is None:
+                return out.loss, {}
+            # The image–text alignment term on the model's x̂0 (diffjax.models.alignment), without the dropped
+            # prompts; identical prompts in the batch are positives of each other, not negatives.
+            positives = losses.same_prompt(ids) if ac.get("same_prompt_positives", True) else None
+            align = alignment_loss(heads, params["alignment"], models.schedule, out.x0_pred, cond.pooled, t, ~drop,
+                                   ac.loss, ac.weighting, positives)
+            return out.loss + float(ac.weight) * align, {"alignment_loss": align, "denoising_loss": out.loss}
 
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         if axis_name is not None:
             grads = jax.lax.pmean(grads, axis_name)
             loss = jax.lax.pmean(loss, axis_name)
@@ -251,8 +267,10 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
         params, ema, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(accept, new, old),
                                                         (params, ema, opt_state),
                                                         (state.params, state.ema_params, state.opt_state))
+        if axis_name is not None:
+            extra = jax.lax.pmean(extra, axis_name)
         metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr_schedule(state.step), "ema_decay": d,
-                   "skipped_updates": guard["skipped"]}
+                   "skipped_updates": guard["skipped"], **extra}
         new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                                   rng=next_rng, guard=guard)
         return new_state, metrics

@@ -49,6 +49,11 @@ flags.DEFINE_enum("guidance_schedule", None, ["constant", "linear", "cosine"],
                   "sample/eval: the guidance scale over the timesteps, of mean --guidance_scale (default: the run's).")
 flags.DEFINE_string("guidance_interval", None, "sample/eval: 'sigma_lo,sigma_hi': guide only at noise levels in "
                     "(sigma_lo, sigma_hi] ('' = at all; default: the run's config.sampling).")
+flags.DEFINE_float("alignment_guidance_scale", None, "sample/eval: alignment guidance scale: each step also ascends "
+                   "the image-text similarity of the model's alignment heads or of --alignment_clip (0: off; default: "
+                   "the run's config.alignment.guidance_scale).")
+flags.DEFINE_string("alignment_clip", None, "sample/eval: a Flax CLIP model folder (or Hub id) for alignment guidance "
+                    "instead of the model's alignment heads.")
 flags.DEFINE_list("guidance_scales", [], "eval: also sweep these guidance scales (same prompts and noise) and write "
                   "the accuracy-distance frontier to eval/step_N/frontier.md and frontier.png.")
 flags.DEFINE_enum("timestep_spacing", None, ["leading", "trailing", "linspace"],
@@ -87,7 +92,7 @@ def _fail(e: BaseException) -> None:
 def _sampling_kwargs() -> dict:
     kw = {"sampler": FLAGS.sampler, "num_steps": FLAGS.num_steps, "guidance_scale": FLAGS.guidance_scale,
           "negative_prompt": FLAGS.negative_prompt, "timestep_spacing": FLAGS.timestep_spacing,
-          "guidance_schedule": FLAGS.guidance_schedule}
+          "guidance_schedule": FLAGS.guidance_schedule, "alignment_guidance_scale": FLAGS.alignment_guidance_scale}
     kw = {k: v for k, v in kw.items() if v is not None}
     if FLAGS.guidance_interval is not None:
         from diffjax.pipeline import check_guidance_interval
@@ -142,9 +147,17 @@ def _load_pipeline():
     use_ema = bool(ec.use_ema) if ec is not None else True
     try:
         if FLAGS.model:
-            return Text2Image.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
-        pipe = Text2Image.from_checkpoint(FLAGS.workdir, step=FLAGS.step, use_ema=use_ema)
-        return pipe if FLAGS.dtype is None else pipe.to_dtype(FLAGS.dtype)
+            pipe = Text2Image.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
+        else:
+            pipe = Text2Image.from_checkpoint(FLAGS.workdir, step=FLAGS.step, use_ema=use_ema)
+            pipe = pipe if FLAGS.dtype is None else pipe.to_dtype(FLAGS.dtype)
+        if FLAGS.alignment_clip:
+            pipe = pipe.with_alignment_clip(FLAGS.alignment_clip)
+        if FLAGS.alignment_guidance_scale is not None:  # bad input fails here, before anything is compiled
+            from diffjax.pipeline import check_alignment_scale
+
+            pipe._alignment_source(check_alignment_scale(FLAGS.alignment_guidance_scale, "--alignment_guidance_scale"))
+        return pipe
     except (ValueError, OSError) as e:
         _fail(e)
 
@@ -182,7 +195,9 @@ def evaluate() -> None:
                    guidance_scale=pipe.defaults["guidance_scale"] if FLAGS.guidance_scale is None
                    else FLAGS.guidance_scale, timestep_spacing=FLAGS.timestep_spacing or pipe.timestep_spacing,
                    guidance_schedule=sampling.get("guidance_schedule", pipe.defaults["guidance_schedule"]),
-                   guidance_interval=sampling.get("guidance_interval", pipe.defaults["guidance_interval"]))
+                   guidance_interval=sampling.get("guidance_interval", pipe.defaults["guidance_interval"]),
+                   alignment_guidance_scale=sampling.get("alignment_guidance_scale",
+                                                         pipe.defaults["alignment_guidance_scale"]))
     out = os.path.join(FLAGS.workdir, "eval", f"step_{pipe.step:06d}" if pipe.step is not None else "model")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:

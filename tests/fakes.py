@@ -89,6 +89,27 @@ def random_text2image(mesh=None):
                       timestep_spacing=sc.timestep_spacing, mesh=mesh)
 
 
+def write_local_clip(directory, image_size=32):
+    """A small FlaxCLIPModel initialised from a config (seed 0) with its processor (the offline CLIP tokenizer,
+    max length 16), saved at ``directory``: what a user's downloaded CLIP folder holds. Returns the model."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPProcessor, FlaxCLIPModel
+
+    from diffjax.text import TextEncoder
+
+    encoder, _ = TextEncoder.from_config("tiny", max_length=16)
+    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=image_size, patch_size=8),
+                        projection_dim=16)
+    model = FlaxCLIPModel(config, seed=0)
+    model.save_pretrained(str(directory))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=image_processor, tokenizer=encoder.tokenizer).save_pretrained(str(directory))
+    return model
+
+
 def flat(tree):
     """Every leaf of a (device) pytree, as one float32 vector: parameters compared at a glance."""
     leaves = jax.tree_util.tree_leaves(jax.device_get(tree))

@@ -180,23 +180,11 @@ def test_clip_score_with_a_local_model(tmp_path):
     """The CLIP score's loading code on a small CLIP initialised from a config and saved locally, checked
     against the model's own embeddings."""
     import jax.numpy as jnp
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPProcessor, FlaxCLIPModel
+    from fakes import write_local_clip
+    from transformers import CLIPProcessor
 
-    from diffjax.text import TextEncoder
-
-    encoder, _ = TextEncoder.from_config("tiny", max_length=16)
-    text_dir = tmp_path / "tok"
-    encoder.tokenizer.save_pretrained(str(text_dir))
-    config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, max_position_embeddings=16),
-                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8),
-                        projection_dim=16)
-    model = FlaxCLIPModel(config, seed=0)
     clip_dir = str(tmp_path / "clip")
-    model.save_pretrained(clip_dir)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=encoder.tokenizer).save_pretrained(clip_dir)
+    model = write_local_clip(clip_dir)
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)

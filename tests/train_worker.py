@@ -1,7 +1,7 @@
 """Runs a few training steps (or a generation) on simulated devices or processes; launched by
 tests/test_train.py and tests/test_pipeline.py.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py layouts OUT.npz [dit]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py layouts OUT.npz [dit|alignment]
     python tests/train_worker.py process I N PORT OUT.npz      (one of N gloo processes, 2 devices each)
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py generate OUT.npz
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_worker.py export DIR
@@ -45,8 +45,9 @@ def run_mesh(config, mesh, local_slice=slice(None), trainer=None):
 
 
 def layouts(out_path, model="unet"):
-    """The tiny config (its U-Net, or with ``model="dit"`` its DiT) trained on one device, 8 devices and
-    data 4 x fsdp 2; for the U-Net also under pmap, and checkpointed on one mesh and restored onto others."""
+    """The tiny config (its U-Net, or with ``model="dit"`` its DiT, or with ``model="alignment"`` its U-Net with the
+    alignment term) trained on one device, 8 devices and data 4 x fsdp 2; for the U-Net also under pmap, and
+    checkpointed on one mesh and restored onto others."""
     from jax.experimental import multihost_utils  # noqa: F401
 
     from diffjax import sharding
@@ -55,7 +56,9 @@ def layouts(out_path, model="unet"):
 
     def config_of(fsdp=1):
         config = tiny_config()
-        config.model.name, config.sharding.fsdp = model, fsdp
+        config.model.name, config.sharding.fsdp = ("unet" if model == "alignment" else model), fsdp
+        if model == "alignment":
+            config.alignment.weight = 0.5
         return config
 
     config = config_of()

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import schedules as sch
+from diffjax.models.alignment import AlignmentConfig, AlignmentHeads, heads_from_config
 from diffjax.models.autoencoder import AutoencoderKL, VAEConfig
 from diffjax.models.dit import DiT, DiTConfig
 from diffjax.models.unet import UNet, UNetConfig
@@ -74,12 +75,14 @@ class Models:
 
     ``network`` is a :class:`UNet` or a :class:`DiT`; its parameters are ``params[models.component]``. With an
     ``autoencoder`` (latent diffusion) the network works on its scaled latents and its parameters are
-    ``params["vae"]``."""
+    ``params["vae"]``. With ``alignment`` heads (``config.alignment.weight`` > 0) the image–text alignment term is
+    trained and alignment guidance can follow it; their parameters are ``params["alignment"]``."""
 
     network: UNet | DiT
     text_encoder: TextEncoder
     scheduler: SchedulerConfig
     autoencoder: Optional[AutoencoderKL] = None
+    alignment: Optional[AlignmentHeads] = None
     schedule: sch.NoiseSchedule = dataclasses.field(init=False)  # built here, never inside a trace
 
     def __post_init__(self):
@@ -173,6 +176,8 @@ class Models:
             if self.autoencoder is not None:
                 f, c = self.latent_factor, self.autoencoder.config.in_channels
                 out["vae"] = self.autoencoder.init(k, jnp.zeros((1, f, f, c)))["params"]
+            if self.alignment is not None:
+                out["alignment"] = self.alignment.init_params(k, (size, size, self.in_channels))
             return out
 
         return jax.eval_shape(init, jax.random.PRNGKey(0))
@@ -257,7 +262,8 @@ def build_models(config, with_text_params: bool = True) -> tuple[Models, Optiona
     net_cls, _, _ = _network(name)
     encoder, text_params = text_encoder(config.text, seed=config.seed, with_params=with_text_params)
     ncfg = network_config(name, config.model[name], encoder.hidden_size, bool(config.model.use_pooled_text))
-    return Models(net_cls(ncfg), encoder, scheduler_config(config.diffusion)), text_params
+    heads = heads_from_config(config.get("alignment"), ncfg.in_channels, encoder.hidden_size)
+    return Models(net_cls(ncfg), encoder, scheduler_config(config.diffusion), alignment=heads), text_params
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -266,10 +272,12 @@ def build_models(config, with_text_params: bool = True) -> tuple[Models, Optiona
 
 
 def models_from_components(component: str, network_fields: dict, encoder: TextEncoder,
-                           scheduler_fields: dict, vae_fields: Optional[dict] = None) -> Models:
+                           scheduler_fields: dict, vae_fields: Optional[dict] = None,
+                           alignment_fields: Optional[dict] = None) -> Models:
     """Models from the JSON dicts of ``COMPONENT/config.json`` (``component``: ``"unet"`` or ``"transformer"``),
-    ``scheduler/scheduler_config.json`` and (a latent model) ``vae/config.json``, and a loaded text encoder. A field
-    that is not one of the config class's raises a one-line ValueError."""
+    ``scheduler/scheduler_config.json``, (a latent model) ``vae/config.json`` and (alignment heads)
+    ``alignment/config.json``, and a loaded text encoder. A field that is not one of the config class's raises a
+    one-line ValueError."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown denoiser component {component!r}; expected one of {', '.join(COMPONENTS)}")
     net_cls, cfg_cls, _ = NETWORKS[COMPONENTS[component]]
@@ -277,6 +285,8 @@ def models_from_components(component: str, network_fields: dict, encoder: TextEn
               ("scheduler/scheduler_config.json", SchedulerConfig, scheduler_fields)]
     if vae_fields is not None:
         checks.append(("vae/config.json", VAEConfig, vae_fields))
+    if alignment_fields is not None:
+        checks.append(("alignment/config.json", AlignmentConfig, alignment_fields))
     for what, cls, fields in checks:
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
@@ -292,14 +302,25 @@ def models_from_components(component: str, network_fields: dict, encoder: TextEn
             raise ValueError(f"vae/config.json: latent_channels={vcfg.latent_channels} but {component}/config.json "
                              f"has in_channels={ncfg.in_channels}")
         vae = AutoencoderKL(vcfg)
-    return Models(net_cls(ncfg), encoder, SchedulerConfig(**scheduler_fields), vae)
+    heads = None
+    if alignment_fields is not None:
+        acfg = AlignmentConfig(**alignment_fields)
+        if (acfg.in_channels, acfg.text_dim) != (ncfg.in_channels, encoder.hidden_size):
+            raise ValueError(f"alignment/config.json: in_channels={acfg.in_channels}, text_dim={acfg.text_dim} do not "
+                             f"match the denoiser's {ncfg.in_channels} channels and the text encoder's "
+                             f"{encoder.hidden_size}")
+        heads = AlignmentHeads(acfg)
+    return Models(net_cls(ncfg), encoder, SchedulerConfig(**scheduler_fields), vae, heads)
 
 
 def component_configs(models: Models) -> dict:
-    """The JSON-serialisable component configs: ``{models.component: ..., "scheduler": ...[, "vae": ...]}`` (the
+    """The JSON-serialisable component configs: ``{models.component: ..., "scheduler": ...[, "vae": ...][,
+    "alignment": ...]}`` (the
     text encoder writes its own, transformers' ``config.json``)."""
     out = {models.component: dataclasses.asdict(models.network_config),
            "scheduler": dataclasses.asdict(models.scheduler)}
     if models.autoencoder is not None:
         out["vae"] = dataclasses.asdict(models.autoencoder.config)
+    if models.alignment is not None:
+        out["alignment"] = dataclasses.asdict(models.alignment.config)
     return out

@@ -63,6 +63,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.log_normal_mean = -1.2  # P_mean of the log-normal noise levels
     config.diffusion.log_normal_std = 1.2  # P_std of the log-normal noise levels
 
+    # The image–text alignment term (diffjax.models.alignment): L = denoising + weight · mean w(t) ℓ(g_img(x̂0), g_txt(c))
+    config.alignment = ml_collections.ConfigDict()
+    config.alignment.weight = 0.0  # λ (0: off: no heads, the train step as without it)
+    config.alignment.loss = "contrastive"  # contrastive (CLIP's symmetric InfoNCE over the batch) | cosine (1 - cos)
+    config.alignment.weighting = "alpha_cumprod"  # w(t): alpha_cumprod (ᾱ_t: ~0 where x0 is unrecoverable) | none
+    config.alignment.same_prompt_positives = True  # examples with identical prompts are positives, not negatives
+    config.alignment.channels = (32, 64, 64)  # the image head: one stride-2 3×3 convolution per entry
+    config.alignment.embed_dim = 64  # width of the joint image–text embedding
+    config.alignment.init_temperature = 0.07  # initial temperature of the contrastive logits (learned)
+    config.alignment.guidance_scale = 0.0  # sampling: alignment guidance scale (0: off; the heads' or a CLIP's)
+    config.alignment.clip_model = ""  # sampling: a FlaxCLIPModel dir / hub id to guide with instead of the heads
+
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-4  # peak learning rate
     config.optim.warmup_steps = 500  # linear warmup from 0
