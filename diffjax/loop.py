@@ -350,7 +350,8 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
         if bar is not None:
             bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['images_per_second']:.0f}")
         elif lead:
-            logging.info("step %d: loss %.4f, %.2f s/step, %.0f images/s", step, m["loss"], m["step_time"],
+            extra = f" (alignment term {m['alignment_loss']:.4f})" if "alignment_loss" in m else ""
+            logging.info("step %d: loss %.4f%s, %.2f s/step, %.0f images/s", step, m["loss"], extra, m["step_time"],
                          m["images_per_second"])
 
     def evaluate(step):

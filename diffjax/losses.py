@@ -220,6 +220,7 @@ def diffusion_loss(rng: Array, model_fn: Callable[[Array, Array, Any], Array], s
 
 ALIGNMENT_LOSSES = ("contrastive", "cosine")
 ALIGNMENT_WEIGHTINGS = ("none", "alpha_cumprod")
+ALIGNMENT_POSITIVES = ("prompt", "label", "none")
 
 
 def l2_normalize(x: Array) -> Array:

@@ -248,8 +248,8 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
             if heads is None:
                 return out.loss, {}
             # The image–text alignment term on the model's x̂0 (diffjax.models.alignment), without the dropped
-            # prompts; identical prompts in the batch are positives of each other, not negatives.
-            positives = losses.same_prompt(ids) if ac.get("same_prompt_positives", True) else None
+            # prompts; examples with identical prompts (or of the same class) are positives, not negatives.
+            positives = alignment_positives(ac, batch, ids)
             align = alignment_loss(heads, params["alignment"], models.schedule, out.x0_pred, cond.pooled, t, ~drop,
                                    ac.loss, ac.weighting, positives)
             return out.loss + float(ac.weight) * align, {"alignment_loss": align, "denoising_loss": out.loss}
@@ -276,6 +276,20 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
         return new_state, metrics
 
     return train_step
+
+
+def alignment_positives(alignment_config, batch: dict, token_ids: Array) -> Optional[Array]:
+    """(B, B) bool: which examples are positives of each other in the contrastive alignment term
+    (``config.alignment.positives``): those with the same token ids (``prompt``), the same ``label`` (``label``;
+    the batch must carry labels), or None (``none``: each pair alone)."""
+    kind = alignment_config.get("positives", "prompt")
+    if kind == "none":
+        return None
+    if kind == "label":
+        if "label" not in batch:
+            raise ValueError("config.alignment.positives='label' needs a labelled dataset (batches with 'label')")
+        return batch["label"][:, None] == batch["label"][None, :]
+    return losses.same_prompt(token_ids)
 
 
 def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callable:
@@ -360,6 +374,8 @@ class Trainer:
     def shard_batch(self, local_batch: dict) -> dict:
         """This process's numpy batch → global arrays sharded over the mesh (only the model inputs)."""
         keys = ("image", "latent_mean", "latent_logvar", "token_ids", "mask")
+        if self.models.alignment is not None and self.config.alignment.get("positives") == "label":
+            keys += ("label",)
         return sharding.global_batch(self.mesh, {k: local_batch[k] for k in keys if k in local_batch})
 
     def latent_encoder(self):

@@ -112,6 +112,9 @@ def train(config) -> None:
     try:  # bad input fails here, in one line, before anything is compiled
         validate_config(config)
         info = describe_dataset(config.data, config.data.train_split)
+        if config.alignment.weight > 0 and config.alignment.positives == "label" and not info.class_names:
+            raise ValueError(f"config.alignment.positives='label' needs a labelled dataset; {info.name!r} has no "
+                             f"labels (use 'prompt')")
         if info.steps_per_epoch(config.training.batch_size) == 0:
             raise ValueError(f"split {info.split!r} of {info.name!r} has {info.num_examples} examples, fewer than "
                              f"one batch (training.batch_size={config.training.batch_size})")

@@ -163,6 +163,36 @@ def test_lambda_zero_is_the_train_step_without_the_term(trainer, fake_config):
     assert trainer.step.lower(state, batch).as_text() == other.step.lower(state, batch).as_text()
 
 
+def test_the_term_shards_like_the_rest(tmp_path, run_worker):
+    """With the term (a contrastive loss over the whole global batch), one device, 8 devices and data 4 × fsdp 2
+    train to the same parameters, heads included."""
+    from test_train import _close
+
+    out = tmp_path / "alignment.npz"
+    run_worker(["layouts", out, "alignment"], devices=8)
+    res = dict(np.load(out))
+    for key in ("data8", "data4_fsdp2"):  # the batch-wide softmax sums in another order on 8 devices: a few
+        _close(res[key], res["one_device"], max_steps_of_lr=0.1)  # rounding-level gradients move by ≤ 0.1 lr
+    assert int(res["fsdp_sharded_leaves"]) > 0
+
+
+def test_positives_are_same_prompt_same_label_or_none():
+    from diffjax.train import alignment_positives
+
+    config = tiny_config()
+    ids = jnp.array([[1, 2], [1, 2], [1, 3]])
+    batch = {"label": jnp.array([4, 5, 4])}
+    np.testing.assert_array_equal(np.asarray(alignment_positives(config.alignment, batch, ids)),
+                                  [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+    config.alignment.positives = "label"
+    np.testing.assert_array_equal(np.asarray(alignment_positives(config.alignment, batch, ids)),
+                                  [[1, 0, 1], [0, 1, 0], [1, 0, 1]])
+    with pytest.raises(ValueError, match="positives='label' needs a labelled dataset"):
+        alignment_positives(config.alignment, {}, ids)
+    config.alignment.positives = "none"
+    assert alignment_positives(config.alignment, batch, ids) is None
+
+
 def test_bad_alignment_config_fails_in_one_line():
     from diffjax.models.alignment import heads_from_config
 
@@ -170,6 +200,7 @@ def test_bad_alignment_config_fails_in_one_line():
     ac = config.alignment
     for key, value, message in [("weight", -0.1, "config.alignment.weight must be a finite number >= 0"),
                                 ("loss", "l2", "config.alignment.loss='l2'"),
+                                ("positives", "class", "config.alignment.positives='class'"),
                                 ("guidance_scale", -1.0, "config.alignment.guidance_scale must be")]:
         bad = ac.copy_and_resolve_references()
         bad[key] = value
@@ -297,3 +328,45 @@ def test_heads_are_exported_and_loaded_with_the_model_folder(aligned_pipe, tmp_p
     np.testing.assert_allclose(loaded.generate(prompts, seed=4, alignment_guidance_scale=1.0, output_type="float"),
                                pipe.generate(prompts, seed=4, alignment_guidance_scale=1.0, output_type="float"),
                                atol=1e-5)
+
+
+def test_the_term_trains_checkpoints_exports_and_guides_from_the_command_line(fake_config, tmp_path, run_main,
+                                                                             last_error_line):
+    from diffjax.checkpoints import Checkpointer
+    from diffjax.pipeline import Text2Image
+
+    data = [f"--config.data.manual_dir={fake_config.data.manual_dir}",
+            f"--config.data.data_dir={fake_config.data.data_dir}"]
+    tiny = ["--config=experiments/configs/tiny.py", *data]
+    proc = run_main([*tiny, f"--workdir={tmp_path}/run", "--config.alignment.weight=0.1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The checkpoint holds the heads (raw and EMA); the pipeline of the run restores the EMA ones.
+    pipe = Text2Image.from_checkpoint(f"{tmp_path}/run")
+    ckpt = Checkpointer.existing(f"{tmp_path}/run/checkpoints")
+    restored = ckpt.restore_subtree({"ema_params": {"alignment": pipe.models.abstract_params()["alignment"]}},
+                                    ckpt.latest_step())
+    ckpt.close()
+    for a, b in zip(jax.tree_util.tree_leaves(pipe.alignment_params),
+                    jax.tree_util.tree_leaves(restored["ema_params"]["alignment"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    proc = run_main(["--mode=export", f"--workdir={tmp_path}/run", f"--out={tmp_path}/model"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "model" / "alignment" / "diffusion_params.safetensors").is_file()
+    proc = run_main(["--mode=sample", f"--model={tmp_path}/model", "--prompt=a bag", "--num_steps=2",
+                     "--alignment_guidance_scale=2", f"--out={tmp_path}/images"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "images" / "0000.png").stat().st_size > 0
+
+    # Bad input: one line each, before anything is trained or sampled.
+    proc = run_main([*tiny, f"--workdir={tmp_path}/a", "--config.alignment.weight=-1"])
+    assert last_error_line(proc) == "error: config.alignment.weight must be a finite number >= 0 (0: off), got -1.0"
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    proc = run_main(["--mode=sample", f"--model={tmp_path}/model", "--prompt=a bag", "--alignment_guidance_scale=-1",
+                     f"--out={tmp_path}/bad"])
+    assert last_error_line(proc) == "error: --alignment_guidance_scale must be a finite number >= 0 (0: off), got -1.0"
+    proc = run_main([*tiny, f"--workdir={tmp_path}/plain", "--config.training.num_steps=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_main(["--mode=sample", f"--workdir={tmp_path}/plain", "--prompt=a bag", "--alignment_guidance_scale=1"])
+    assert last_error_line(proc) == ("error: alignment_guidance_scale=1 needs alignment heads (train with "
+                                     "config.alignment.weight > 0) or a CLIP (Text2Image.with_alignment_clip, "
+                                     "--alignment_clip), and this model has neither")

@@ -256,7 +256,8 @@ def test_exported_folder_samples_what_the_checkpoint_does_on_any_device_count(ex
     config = tiny_config()
     assert pipe.defaults == dict(sampler=config.sampling.sampler, num_steps=config.sampling.num_steps,
                                  guidance_scale=config.sampling.guidance_scale,
-                                 guidance_schedule=config.sampling.guidance_schedule, guidance_interval=None)
+                                 guidance_schedule=config.sampling.guidance_schedule, guidance_interval=None,
+                                 alignment_guidance_scale=config.alignment.guidance_scale)
     assert pipe.timestep_spacing == config.sampling.timestep_spacing and pipe.image_shape == (8, 8, 1)
     assert pipe.models.text_encoder.max_length == config.text.max_length
     assert pipe.models.scheduler.schedule == config.diffusion.schedule

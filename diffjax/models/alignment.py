@@ -110,6 +110,10 @@ def heads_from_config(alignment_config, in_channels: int, text_dim: int):
     if ac.weighting not in losses.ALIGNMENT_WEIGHTINGS:
         raise ValueError(f"config.alignment.weighting={ac.weighting!r}: expected one of "
                          f"{', '.join(losses.ALIGNMENT_WEIGHTINGS)}")
+    positives = ac.get("positives", "prompt")
+    if positives not in losses.ALIGNMENT_POSITIVES:
+        raise ValueError(f"config.alignment.positives={positives!r}: expected one of "
+                         f"{', '.join(losses.ALIGNMENT_POSITIVES)}")
     scale = float(ac.get("guidance_scale", 0.0))
     if not np.isfinite(scale) or scale < 0:
         raise ValueError(f"config.alignment.guidance_scale must be a finite number >= 0, got {ac.guidance_scale!r}")

@@ -11,6 +11,7 @@ import ml_collections
 from diffjax import guidance, losses, pipeline, samplers, schedules
 from diffjax.data.input_pipeline import validate_data_config
 from diffjax.models import factory
+from diffjax.models.alignment import heads_from_config
 
 
 def _flat_keys(cfg, prefix=""):
@@ -48,6 +49,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     choice("sampling.timestep_spacing", config.sampling.timestep_spacing, samplers.SPACINGS)
     choice("sampling.guidance_schedule", config.sampling.guidance_schedule, guidance.GUIDANCE_SCHEDULES)
     pipeline.check_guidance_interval(config.sampling.guidance_interval, "config.sampling.guidance_interval")
+    heads_from_config(config.alignment, 1, 1)  # λ, the loss, w(t), the heads' sizes and the guidance scale
     choice("optim.lr_schedule", config.optim.lr_schedule, ("constant", "cosine"))
     choice("training.on_nonfinite", config.training.on_nonfinite, ("skip", "stop"))
     choice("training.on_corrupt_checkpoint", config.training.on_corrupt_checkpoint, ("fallback", "fail"))

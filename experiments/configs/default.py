@@ -68,7 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.alignment.weight = 0.0  # λ (0: off: no heads, the train step as without it)
     config.alignment.loss = "contrastive"  # contrastive (CLIP's symmetric InfoNCE over the batch) | cosine (1 - cos)
     config.alignment.weighting = "alpha_cumprod"  # w(t): alpha_cumprod (ᾱ_t: ~0 where x0 is unrecoverable) | none
-    config.alignment.same_prompt_positives = True  # examples with identical prompts are positives, not negatives
+    # The contrastive term's positives besides each pair itself: prompt (examples with identical prompts) | label
+    # (examples of the same class: labelled datasets; the wording of a caption is then no negative) | none
+    config.alignment.positives = "prompt"
     config.alignment.channels = (32, 64, 64)  # the image head: one stride-2 3×3 convolution per entry
     config.alignment.embed_dim = 64  # width of the joint image–text embedding
     config.alignment.init_temperature = 0.07  # initial temperature of the contrastive logits (learned)
