@@ -140,14 +140,19 @@ def classifier_free_guidance(denoiser: Denoiser, cond: Any, uncond: Any, guidanc
     return model_fn
 
 
+# Below this α_t the ε form leaves x̂0 undetermined (a zero-SNR endpoint): alignment guidance skips such steps.
+MIN_ALPHA = 1e-3
+
+
 def vp_coefficients(noise_schedule, t: Array, ndim: int = 4) -> tuple[Array, Array]:
-    """(α_t, σ_t) = (√ᾱ_t, √(1 - ᾱ_t)) at (possibly fractional) timesteps ``t`` (B,), ᾱ interpolated linearly
-    between integer timesteps; shaped (B, 1, ...) to broadcast against x of rank ``ndim``."""
+    """(α_t, σ_t) = (√ᾱ_t, √(1 - ᾱ_t)) at (possibly fractional) timesteps ``t`` (B,), at the noise level the
+    samplers give a fractional t (VE σ_t = √((1-ᾱ)/ᾱ) interpolated in log σ, as ``samplers.sigma_to_t`` inverts;
+    exact at integer t; α = 0 where σ = ∞); shaped (B, 1, ...) to broadcast against x of rank ``ndim``."""
     t = jnp.asarray(t, jnp.float32)
-    ab = jnp.interp(t, jnp.arange(noise_schedule.num_timesteps, dtype=jnp.float32),
-                    jnp.asarray(noise_schedule.alphas_cumprod, jnp.float32))
-    ab = ab.reshape(t.shape + (1,) * (ndim - t.ndim))
-    return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+    log_sigmas = jnp.log(jnp.asarray(noise_schedule.sigmas, jnp.float32))
+    sigma = jnp.exp(jnp.interp(t, jnp.arange(noise_schedule.num_timesteps, dtype=jnp.float32), log_sigmas))
+    alpha = jax.lax.rsqrt(sigma**2 + 1.0).reshape(t.shape + (1,) * (ndim - t.ndim))
+    return alpha, jnp.sqrt(1.0 - alpha**2)
 
 
 def alignment_guidance(model_fn: Callable[[Array, Array], Array], similarity_fn: Callable[[Array, Array], Array],
@@ -162,8 +167,8 @@ def alignment_guidance(model_fn: Callable[[Array, Array], Array], similarity_fn:
     logit e^τ cos(g_img(x̂0(x_t)), g_txt(c)) of the jointly trained alignment heads, which see x̂0 from noisy
     inputs, or of a CLIP model on the decoded x̂0) and s = ``scale`` (traced: changing it does not recompile).
     The output keeps the model's parameterisation (``prediction_type``): x̂0 moves by s σ_t²/α_t ∇ sim, v̂ by
-    -s (σ_t/α_t) ∇ sim (α_t ≥ 1e-3 at a zero-SNR endpoint). Works with every sampler and with classifier-free
-    guidance inside ``model_fn``."""
+    -s (σ_t/α_t) ∇ sim. Steps with α_t < :data:`MIN_ALPHA` (a zero-SNR endpoint, where x̂0 is undetermined) are
+    left unguided. Works with every sampler and with classifier-free guidance inside ``model_fn``."""
     from diffjax import schedules as sch
 
     p = sch.canonical_prediction_type(prediction_type)
@@ -173,12 +178,13 @@ def alignment_guidance(model_fn: Callable[[Array, Array], Array], similarity_fn:
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x_t.shape[0],))
         grad = jax.grad(lambda x: jnp.sum(similarity_fn(x, t)))(x_t.astype(jnp.float32))
         alpha, sigma = vp_coefficients(noise_schedule, t, x_t.ndim)
-        alpha = jnp.maximum(alpha, 1e-3)
+        ok = alpha >= MIN_ALPHA
+        alpha = jnp.where(ok, alpha, 1.0)
         c = pred.shape[-1] - x_t.shape[-1]  # learned-variance channels ride along unchanged
         mean, var = (pred[..., :x_t.shape[-1]], pred[..., x_t.shape[-1]:]) if c else (pred, None)
         eps = sch.eps_from_prediction(mean, x_t, alpha, sigma, p) - jnp.asarray(scale, jnp.float32) * sigma * grad
         x0 = (x_t - sigma * eps) / alpha
-        out = sch.prediction_target(x0, eps, alpha, sigma, p)
+        out = jnp.where(ok, sch.prediction_target(x0, eps, alpha, sigma, p), mean)
         return out if var is None else jnp.concatenate([out, var], axis=-1)
 
     return guided

@@ -325,9 +325,15 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
     start, last = int(state.step), int(tc.num_steps)
 
     prompts = _grid_prompts(cfg, info, enc) if tc.sample_every else []
+    # The run's sampling settings; alignment guidance follows the run's heads (a config.alignment.clip_model is
+    # for sampling and evaluation after training, not loaded here).
+    heads = trainer.models.alignment is not None
     sampler = pipeline.Text2Image(trainer.models, None, None, trainer.image_shape, sampler=sc.sampler,
                                   num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                                  timestep_spacing=sc.timestep_spacing, mesh=trainer.mesh)
+                                  timestep_spacing=sc.timestep_spacing, mesh=trainer.mesh,
+                                  guidance_schedule=sc.get("guidance_schedule", "constant"),
+                                  guidance_interval=pipeline.check_guidance_interval(sc.get("guidance_interval", "")),
+                                  alignment_guidance_scale=cfg.alignment.guidance_scale if heads else 0.0)
     bar = None
     if lead and tc.progress_bar:
         from tqdm import tqdm
@@ -362,7 +368,7 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
 
     def write_samples(step):
         pipe = sampler.with_params(state.ema_params[trainer.models.component], state.text_params(ema=True),
-                                   state.frozen.get("vae"))
+                                   state.frozen.get("vae"), state.ema_params.get("alignment"))
         images = pipe.generate([p for p in prompts for _ in range(sc.images_per_prompt)], seed=cfg.seed + 1)
         if lead:
             grid = pipeline.image_grid(images, rows=len(prompts))

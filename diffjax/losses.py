@@ -49,7 +49,8 @@ class LossOutput(NamedTuple):
     weights: Array  # (B,) w(t)
     t: Array  # (B,) sampled timesteps
     vlb: Optional[Array] = None  # (B,) the variational-bound term L_t in bits/dim (learned variance only)
-    x0_pred: Optional[Array] = None  # (B, ...) the model's x̂0 (differentiable; the alignment term's input)
+    x0_pred: Optional[Array] = None  # (B, ...) the model's x̂0 (differentiable; the alignment term's input; for ε
+    # at a zero-SNR endpoint the division by α uses max(α, 1e-3), so that it stays finite)
 
 
 def normal_kl(mean1: Array, logvar1: Array, mean2: Array, logvar2: Array) -> Array:
@@ -206,10 +207,10 @@ def diffusion_loss(rng: Array, model_fn: Callable[[Array, Array, Any], Array], s
         raise ValueError(f"model output shape {pred.shape} does not match the target shape {target.shape}")
     mse = jnp.mean((pred - target) ** 2, axis=tuple(range(1, x0.ndim)))
     w = loss_weight(sch.snr(schedule, t), p, weighting, min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma, p2_k=p2_k)
-    x0_pred = sch.x0_from_prediction(pred, x_t, alpha, sigma, p)
+    x0_pred = sch.x0_from_prediction(pred, x_t, jnp.maximum(alpha, 1e-3), sigma, p)
     if v is None:
         return LossOutput(loss=jnp.mean(w * mse), mse=mse, weights=w, t=t, x0_pred=x0_pred)
-    vlb = vlb_term(schedule, x0, x_t, t, jax.lax.stop_gradient(x0_pred), v)
+    vlb = vlb_term(schedule, x0, x_t, t, sch.x0_from_prediction(jax.lax.stop_gradient(pred), x_t, alpha, sigma, p), v)
     return LossOutput(loss=jnp.mean(w * mse + vlb * (schedule.num_timesteps / 1000.0)), mse=mse, weights=w, t=t,
                       vlb=vlb, x0_pred=x0_pred)
 

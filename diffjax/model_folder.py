@@ -157,6 +157,8 @@ def _write(pipe, directory: str, trees: dict) -> None:
             save_file({k: np.require(v, requirements="C") for k, v in _flatten(trees[name]).items()},
                       os.path.join(tmp, name, NETWORK_PARAMS), metadata={"format": "diffjax"})
         sampling = dict(pipe.defaults, timestep_spacing=pipe.timestep_spacing, sampler_options=pipe.sampler_options)
+        if pipe.models.alignment is None:  # a CLIP the pipeline guided with is not saved: no default guidance
+            sampling["alignment_guidance_scale"] = 0.0
         _write_json(os.path.join(tmp, SCHEDULER_CONFIG), {**configs["scheduler"], **sampling})
         pipe.models.text_encoder.save_pretrained(os.path.join(tmp, TEXT_ENCODER), trees[TEXT_ENCODER])
         if not os.path.isdir(directory):

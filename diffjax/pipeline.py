@@ -23,6 +23,7 @@ per-step noise (``sampler_rng``, DDPM and DDIM with η > 0) is drawn per chunk.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import logging
@@ -121,7 +122,10 @@ class Text2Image:
         from diffjax.models.clip_guide import CLIPGuide
 
         other = copy.copy(self)
-        other.alignment_clip = CLIPGuide.from_pretrained(clip_model)
+        guide = CLIPGuide.from_pretrained(clip_model)
+        # Its parameters are placed on the mesh once (replicated), not sent with every chunk.
+        other.alignment_clip = dataclasses.replace(guide, params=jax.device_put(guide.params,
+                                                                                sharding.replicated(self.mesh)))
         other._compiled = {}
         return other
 
@@ -132,8 +136,6 @@ class Text2Image:
         statistics and the final clipping; with ``"float16"`` also the autoencoder (Stable Diffusion's overflows
         in float16, which is why diffusers upcasts it). The compiled programs are not shared (they depend on the
         dtype)."""
-        import dataclasses
-
         from diffjax.models.factory import cast_floating, in_dtype
         from diffjax.models.unet import canonical_dtype
 
@@ -265,7 +267,8 @@ class Text2Image:
         model, ``"latent"`` (the sampled latents, not decoded). ``guidance_interval=(σ_lo, σ_hi)``,
         ``guidance_schedule=`` and ``alignment_guidance_scale=`` (here and in ``img2img`` / ``inpaint``) override the
         pipeline's defaults; other keywords are sampler options. Alignment guidance (scale s > 0) needs the model's
-        alignment heads or a CLIP (:meth:`with_alignment_clip`); s is traced, a change does not recompile."""
+        alignment heads or a CLIP (:meth:`with_alignment_clip`); it is a program of its own (compiled at the first
+        s > 0), in which s is traced: other values of s do not recompile."""
         if alignment_guidance_scale is not None:
             sampler_options["alignment_guidance_scale"] = alignment_guidance_scale
         shape = self._output_shape(height, width)
@@ -305,6 +308,13 @@ class Text2Image:
                          output_type=output_type)
 
     # ----------------------------------------------------------------------------------------------
+    def check_alignment_guidance(self, scale) -> float:
+        """``scale`` as a float if this pipeline can guide with it (0, or heads / a CLIP to follow); one line
+        naming the problem otherwise."""
+        scale = check_alignment_scale(scale)
+        self._alignment_source(scale)
+        return scale
+
     def _alignment_source(self, scale: float) -> str:
         """What alignment guidance at ``scale`` follows: "" (off), "clip" (with_alignment_clip) or "heads"; a
         one-line ValueError when it is asked of a model with neither."""
@@ -312,7 +322,10 @@ class Text2Image:
             return ""
         if self.alignment_clip is not None:
             return "clip"
-        if self.models.alignment is not None and self.alignment_params is not None:
+        if self.models.alignment is not None:
+            if self.alignment_params is None:
+                raise ValueError(f"alignment_guidance_scale={scale:g}: this pipeline has alignment heads but no "
+                                 f"parameters for them (alignment_params)")
             return "heads"
         raise ValueError(f"alignment_guidance_scale={scale:g} needs alignment heads (train with "
                          f"config.alignment.weight > 0) or a CLIP (Text2Image.with_alignment_clip, "
@@ -467,7 +480,7 @@ class Text2Image:
             def sim(x, t):
                 pred = denoiser(x, t, cond)[..., :c].astype(jnp.float32)
                 a, s = guidance.vp_coefficients(models.schedule, t, x.ndim)
-                x0 = sch.x0_from_prediction(pred, x, a, s, self.prediction_type)
+                x0 = sch.x0_from_prediction(pred, x, jnp.maximum(a, guidance.MIN_ALPHA), s, self.prediction_type)
                 if alignment == "heads":
                     return models.alignment.similarity(align_params, x0, cond.pooled)
                 images = x0 if vae is None else decode_latents(vae, vae_params, x0)

@@ -159,7 +159,8 @@ def _load_pipeline():
         if FLAGS.alignment_guidance_scale is not None:  # bad input fails here, before anything is compiled
             from diffjax.pipeline import check_alignment_scale
 
-            pipe._alignment_source(check_alignment_scale(FLAGS.alignment_guidance_scale, "--alignment_guidance_scale"))
+            pipe.check_alignment_guidance(check_alignment_scale(FLAGS.alignment_guidance_scale,
+                                                                "--alignment_guidance_scale"))
         return pipe
     except (ValueError, OSError) as e:
         _fail(e)

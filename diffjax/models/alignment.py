@@ -102,7 +102,10 @@ def heads_from_config(alignment_config, in_channels: int, text_dim: int):
     ac = alignment_config
     if ac is None:
         return None
-    weight = float(ac.weight)
+    try:
+        weight = float(ac.weight)
+    except (TypeError, ValueError):
+        weight = float("nan")
     if not np.isfinite(weight) or weight < 0:
         raise ValueError(f"config.alignment.weight must be a finite number >= 0 (0: off), got {ac.weight!r}")
     if ac.loss not in losses.ALIGNMENT_LOSSES:
@@ -114,9 +117,15 @@ def heads_from_config(alignment_config, in_channels: int, text_dim: int):
     if positives not in losses.ALIGNMENT_POSITIVES:
         raise ValueError(f"config.alignment.positives={positives!r}: expected one of "
                          f"{', '.join(losses.ALIGNMENT_POSITIVES)}")
-    scale = float(ac.get("guidance_scale", 0.0))
+    try:
+        scale = float(ac.get("guidance_scale", 0.0))
+    except (TypeError, ValueError):
+        scale = float("nan")
     if not np.isfinite(scale) or scale < 0:
         raise ValueError(f"config.alignment.guidance_scale must be a finite number >= 0, got {ac.guidance_scale!r}")
+    if scale > 0 and weight == 0 and not ac.get("clip_model"):
+        raise ValueError("config.alignment.guidance_scale > 0 needs alignment heads (config.alignment.weight > 0) or "
+                         "a CLIP to follow (config.alignment.clip_model)")
     if weight == 0:
         return None
     try:

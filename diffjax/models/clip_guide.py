@@ -48,6 +48,7 @@ class CLIPGuide:
                              f"{first}") from None
         ip = processor.image_processor
         crop = getattr(ip, "crop_size", None) or {}
+        crop = crop if isinstance(crop, dict) else {"height": crop}  # older processors store an int
         size = int(crop.get("height", model.config.vision_config.image_size))
         return cls(model=model, params=model.params, tokenizer=processor.tokenizer, image_size=size,
                    mean=tuple(float(m) for m in ip.image_mean), std=tuple(float(s) for s in ip.image_std),
