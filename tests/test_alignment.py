@@ -374,6 +374,17 @@ def test_the_term_trains_checkpoints_exports_and_guides_from_the_command_line(fa
     proc = run_main(["--mode=sample", f"--model={tmp_path}/model", "--prompt=a bag", "--alignment_guidance_scale=-1",
                      f"--out={tmp_path}/bad"])
     assert last_error_line(proc) == "error: --alignment_guidance_scale must be a finite number >= 0 (0: off), got -1.0"
+    from fakes import write_image_folder
+
+    (tmp_path / "folder").mkdir()
+    captions = write_image_folder(str(tmp_path / "folder"), size=8, n=8)
+    proc = run_main(["--config=experiments/configs/tiny.py", "--config.data.name=image_folder",
+                     f"--config.data.captions_file={captions}", f"--config.data.data_dir={tmp_path}/tfds",
+                     "--config.data.channels=3", "--config.model.unet.in_channels=3", f"--workdir={tmp_path}/b",
+                     "--config.data.train_split=train", "--config.data.eval_split=train",
+                     "--config.alignment.weight=0.1", "--config.alignment.positives=label"])
+    assert last_error_line(proc) == ("error: config.alignment.positives='label' needs a labelled dataset; "
+                                     "'image_folder' has no labels (use 'prompt')")
     proc = run_main([*tiny, f"--workdir={tmp_path}/plain", "--config.training.num_steps=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_main(["--mode=sample", f"--workdir={tmp_path}/plain", "--prompt=a bag", "--alignment_guidance_scale=1"])
