@@ -171,8 +171,8 @@ def test_the_term_shards_like_the_rest(tmp_path, run_worker):
     out = tmp_path / "alignment.npz"
     run_worker(["layouts", out, "alignment"], devices=8)
     res = dict(np.load(out))
-    for key in ("data8", "data4_fsdp2"):  # the batch-wide softmax sums in another order on 8 devices: a few
-        _close(res[key], res["one_device"], max_steps_of_lr=0.1)  # rounding-level gradients move by ≤ 0.1 lr
+    for key in ("data8", "data4_fsdp2"):
+        _close(res[key], res["one_device"])
     assert int(res["fsdp_sharded_leaves"]) > 0
 
 

@@ -59,6 +59,9 @@ def layouts(out_path, model="unet"):
         config.model.name, config.sharding.fsdp = ("unet" if model == "alignment" else model), fsdp
         if model == "alignment":
             config.alignment.weight = 0.5
+            # Adam's ε well above rounding level: a gradient that is 0 on one layout and 1e-9 on another (the
+            # batch-wide softmax sums in another order) would otherwise move a parameter by a whole lr.
+            config.optim.eps = 1e-4
         return config
 
     config = config_of()
