@@ -7,6 +7,12 @@ Train: the config's real train step (``Trainer.step``: EMA, clipping, condition 
 synthetic batches. Sampling: ``Text2Image.generate`` with the config's sampler and guidance, randomly initialised
 parameters (the cost does not depend on them), without and with alignment guidance (one more network forward
 and backward per step). Both pairs are compiled and warmed up first; rounds alternate; medians of images/s.
+
+Where the sampling time goes (``--probe``, on by default): the guidance step's extra work, ∇_x sim(x̂0(x_t)) at the
+sampling batch, timed as one call, as the body of a ``lax.scan`` (how the samplers run it) and of an unrolled scan,
+beside the network's forward pass in a scan. On XLA's CPU backend the gradient's convolutions inside a while loop
+are lowered to a generic convolution (kernel layout ``01oi``) instead of the fused YNNPACK one they get outside a
+loop; the probe prints that per-step time and how many generic convolutions the compiled loop holds.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def main():
     parser.add_argument("--weight", type=float, default=0.1, help="λ of the aligned train step")
     parser.add_argument("--images", type=int, default=100, help="images per sampling call")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-probe", dest="probe", action="store_false", help="skip the per-step probe")
     args = parser.parse_args()
     import jax
 
@@ -89,6 +96,58 @@ def main():
           f"ratio {tm[names[1]] / tm[names[0]]:.3f}")
     print(f"sampling: without {sm['without']:.2f} images/s, with alignment guidance "
           f"{sm['with alignment guidance']:.2f} images/s; ratio {sm['with alignment guidance'] / sm['without']:.3f}")
+    if args.probe:
+        probe(tr, state, sample_prompts, args.rounds)
+
+
+def probe(tr, state, prompts, rounds, length=4):
+    """Seconds per call of the guidance gradient outside a loop, in lax.scan and in an unrolled scan."""
+    import jax
+    import jax.numpy as jnp
+
+    from diffjax import guidance, schedules as sch
+
+    m, b = tr.models, len(prompts)
+    dp, ap = state.ema_params[m.component], state.ema_params["alignment"]
+    tp = state.ema_params.get("text", state.frozen.get("text"))
+    ids, mask = m.text_encoder.tokenize(prompts)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(b,) + tr.image_shape), jnp.float32)
+    t = jnp.full((b,), m.schedule.num_timesteps / 2, jnp.float32)
+
+    def grad_sim(x):
+        cond = m.text_encoder.encode(tp, ids, mask, trainable=False)
+        den = m.denoiser(dp)
+
+        def sim(x):
+            a, s = guidance.vp_coefficients(m.schedule, t, x.ndim)
+            x0 = sch.x0_from_prediction(den(x, t, cond), x, a, s, m.prediction_type)
+            return jnp.sum(m.alignment.similarity(ap, x0, cond.pooled))
+
+        return jax.grad(sim)(x)
+
+    def forward(x):
+        return m.denoiser(dp)(x, t, m.text_encoder.encode(tp, ids, mask, trainable=False))
+
+    def in_scan(f, unroll):
+        return lambda x: jax.lax.scan(lambda x, _: (x + 1e-3 * f(x), None), x, None, length=length,
+                                      unroll=unroll)[0]
+
+    jobs = {"gradient, one call": (jax.jit(grad_sim), 1), "gradient in lax.scan": (jax.jit(in_scan(grad_sim, 1)), length),
+            "gradient in unrolled scan": (jax.jit(in_scan(grad_sim, True)), length),
+            "forward in lax.scan": (jax.jit(in_scan(forward, 1)), length)}
+    times = {}
+    for name, (fn, n) in jobs.items():
+        jax.block_until_ready(fn(x))
+        runs = []
+        for _ in range(max(1, rounds)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(x))
+            runs.append((time.perf_counter() - t0) / n)
+        times[name] = statistics.median(runs)
+    hlo = jobs["gradient in lax.scan"][0].lower(x).compile().as_text()
+    generic = sum(1 for line in hlo.splitlines() if " convolution(" in line and "_01oi->" in line)
+    print(f"probe, batch {b}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in times.items())
+          + f"; generic 01oi convolutions in the compiled scan: {generic}")
 
 
 if __name__ == "__main__":
