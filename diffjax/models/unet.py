@@ -421,7 +421,12 @@ def _conv_nhwc(x, w, padding, precision=None):
 def banded_conv(x: Array, w: Array, padding: tuple, precision=None) -> Array:
     r"""Stride-1 NHWC/HWIO convolution whose weight gradient is summed over bands of output rows.
 
-    The forward pass and :math:`\partial L/\partial x` are XLA's convolutions. The weight gradient
+    The forward pass is XLA's convolution; :math:`\partial L/\partial x` is the forward convolution of the
+    output gradient with the kernel flipped in space and transposed in its channels (padding ``k - 1 - p``), the
+    same numbers as XLA's transposed convolution. Written out because inside a while loop (a sampler's
+    ``lax.scan`` taking ``∇_x`` at every step, as alignment guidance does) XLA:CPU folds that kernel transpose
+    into the convolution's dimension labels (``01oi``) and lowers it to a generic convolution, ~40x slower than
+    the fused one it emits outside loops (``benchmarks/alignment_cost.py``'s probe). The weight gradient
 
     .. math:: \frac{\partial L}{\partial w_{ijcd}} = \sum_{b,h,w} x^{\mathrm{pad}}_{b,h+i,w+j,c}\,
               g_{b,h,w,d}
@@ -443,7 +448,7 @@ def _banded_conv_fwd(x, w, padding, precision):
 
 def _banded_conv_bwd(padding, precision, res, g):
     x, w = res
-    dx = jax.vjp(lambda x_: _conv_nhwc(x_, w, padding, precision), x)[1](g)[0]
+    dx = _conv_input_grad(g, w, padding, precision, x)
     (top, bottom), horizontal = padding
     kh, rows = w.shape[0], g.shape[1]
     xp = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
@@ -459,6 +464,16 @@ def _banded_conv_bwd(padding, precision, res, g):
 
 
 banded_conv.defvjp(_banded_conv_fwd, _banded_conv_bwd)
+
+
+def _conv_input_grad(g, w, padding, precision, x):
+    """∂L/∂x of the stride-1 convolution ``_conv_nhwc(x, w, padding)`` given its output gradient ``g``:
+    ``g`` convolved with ``w`` flipped in space, input and output channels swapped, padded ``k - 1 - p``."""
+    (kh, kw), ((top, bottom), (left, right)) = w.shape[:2], padding
+    pad = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
+    if min(v for pair in pad for v in pair) < 0:  # padding wider than the kernel: XLA's own transpose
+        return jax.vjp(lambda x_: _conv_nhwc(x_, w, padding, precision), x)[1](g)[0]
+    return _conv_nhwc(g, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), pad, precision).astype(x.dtype)
 
 
 def conv_general_dilated(impl: Optional[str] = None):
