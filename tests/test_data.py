@@ -87,6 +87,19 @@ def test_captions_articles_and_templates():
     assert picked == set(captioner.all_captions(1))  # every template and phrase reachable
 
 
+def test_held_out_wordings_share_no_word_with_the_training_wordings():
+    # The held-out prompts measure generalisation to words never trained on: each has words in no training
+    # wording (only "a", "of" and "image" are shared), and the varied set extends the default one.
+    words = lambda templates: {w.strip(",.").lower() for t in templates for w in t.replace("{}", " ").split()}  # noqa: E731
+    trained = words(captions.VARIED_TEMPLATES)
+    assert words(captions.HELD_OUT_TEMPLATES) & trained == {"a", "of", "image"}
+    assert all(words([t]) - trained for t in captions.HELD_OUT_TEMPLATES)
+    assert captions.VARIED_TEMPLATES[:5] == captions.DEFAULT_TEMPLATES
+    assert len(set(captions.VARIED_TEMPLATES)) == len(captions.VARIED_TEMPLATES) == 30
+    assert data.caption_for(9, 21, templates=captions.VARIED_TEMPLATES) == "an old ankle boot"
+    assert data.caption_for(9, 1, templates=captions.HELD_OUT_TEMPLATES) == "one ankle boot for sale"
+
+
 # -- images ----------------------------------------------------------------------------------------
 
 

@@ -27,7 +27,9 @@ __all__ = [
     "CLASS_NAMES",
     "CLASS_PHRASES",
     "DEFAULT_TEMPLATES",
+    "HELD_OUT_TEMPLATES",
     "LabelCaptioner",
+    "VARIED_TEMPLATES",
     "article_for",
     "caption_for",
     "check_templates",
@@ -70,6 +72,27 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "an image of a {}",
     "a picture of a {}",
     "a black and white photo of a {}",
+)
+
+# Thirty training wordings: the five above and 25 more. They share only "a", "of" and "image" with
+# HELD_OUT_TEMPLATES, so a model trained on these and prompted with those meets words it never saw (studio, shot,
+# one, for, sale, catalogue, small, on, plain, background; benchmarks/RESULTS.md, "Unseen wordings").
+VARIED_TEMPLATES: tuple[str, ...] = DEFAULT_TEMPLATES + (
+    "a close-up photo of a {}", "a grayscale picture of a {}", "a low resolution photo of a {}",
+    "a blurry photo of a {}", "a cropped photo of a {}", "a bright photo of a {}", "a dark photo of a {}", "the {}",
+    "a good photo of a {}", "a photo of my {}", "a centered photo of a {}", "a {} in grayscale",
+    "a {} seen from the front", "this is a {}", "there is a {} in the picture", "a nice {}", "an old {}", "a new {}",
+    "a large {}", "a product photo of a {}", "a {}, photographed", "a photograph of a {}", "a neat {}",
+    "a pixelated picture of a {}", "a faded photo of a {}",
+)
+
+# Prompt wordings for evaluating generalisation (config.evaluation.prompt_templates), none a training wording.
+HELD_OUT_TEMPLATES: tuple[str, ...] = (
+    "a studio shot of a {}",
+    "one {} for sale",
+    "a catalogue image of a {}",
+    "a small {}",
+    "a {} on a plain background",
 )
 
 # "a"/"an" directly before the placeholder, as a whole word.
