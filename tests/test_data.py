@@ -87,7 +87,7 @@ def test_captions_articles_and_templates():
     assert picked == set(captioner.all_captions(1))  # every template and phrase reachable
 
 
-def test_held_out_wordings_share_no_word_with_the_training_wordings():
+def test_held_out_wordings_have_words_no_training_wording_has():
     # The held-out prompts measure generalisation to words never trained on: each has words in no training
     # wording (only "a", "of" and "image" are shared), and the varied set extends the default one.
     words = lambda templates: {w.strip(",.").lower() for t in templates for w in t.replace("{}", " ").split()}  # noqa: E731

@@ -66,3 +66,12 @@ def get_config():
     config.evaluation.images_per_class = 30  # 300 images: ~2.5 min to generate on 2 cores
     config.evaluation.prompt_templates = DEFAULT_TEMPLATES  # the wordings every figure in RESULTS.md used
     return config
+
+
+def five_wordings_recipe(config):
+    """``config`` with the recipe the demo had before the alignment term: five caption wordings, λ = 0, guidance 5
+    (what the long and DiT configs' figures in RESULTS.md were measured with)."""
+    config.alignment.weight = 0.0
+    config.data.caption_templates = DEFAULT_TEMPLATES
+    config.sampling.guidance_scale = 5.0
+    return config
