@@ -50,8 +50,11 @@ def main():
     b = plain.config.training.batch_size
     rng = np.random.default_rng(0)
     prompts = [f"a photo of a {c}" for c in ("t-shirt", "trouser", "pullover", "dress", "coat", "bag")]
-    ids, mask = plain.models.text_encoder.tokenize([prompts[i] for i in rng.integers(0, len(prompts), b)])
-    batch = {"image": rng.uniform(-1, 1, (b,) + plain.image_shape).astype(np.float32), "token_ids": ids, "mask": mask}
+    labels = np.array([0, 1, 2, 3, 4, 8], np.int32)  # their Fashion-MNIST classes (alignment.positives=label)
+    pick = rng.integers(0, len(prompts), b)
+    ids, mask = plain.models.text_encoder.tokenize([prompts[i] for i in pick])
+    batch = {"image": rng.uniform(-1, 1, (b,) + plain.image_shape).astype(np.float32), "token_ids": ids, "mask": mask,
+             "label": labels[pick]}
     states = {}
     for name, tr in (("λ = 0", plain), (f"λ = {args.weight:g}", aligned)):
         states[name] = (tr, tr.init(), tr.shard_batch(batch))
@@ -114,8 +117,7 @@ def probe(tr, state, prompts, rounds, length=4):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(b,) + tr.image_shape), jnp.float32)
     t = jnp.full((b,), m.schedule.num_timesteps / 2, jnp.float32)
 
-    def grad_sim(x):
-        cond = m.text_encoder.encode(tp, ids, mask, trainable=False)
+    def grad_sim(x, cond):
         den = m.denoiser(dp)
 
         def sim(x):
@@ -125,16 +127,22 @@ def probe(tr, state, prompts, rounds, length=4):
 
         return jax.grad(sim)(x)
 
-    def forward(x):
-        return m.denoiser(dp)(x, t, m.text_encoder.encode(tp, ids, mask, trainable=False))
+    def forward(x, cond):
+        return m.denoiser(dp)(x, t, cond)
 
-    def in_scan(f, unroll):
-        return lambda x: jax.lax.scan(lambda x, _: (x + 1e-3 * f(x), None), x, None, length=length,
-                                      unroll=unroll)[0]
+    def program(f, unroll=None):
+        """The prompts encoded once, then ``f`` alone (``unroll`` None) or as the body of a scan of ``length``."""
+        def run(x):
+            cond = m.text_encoder.encode(tp, ids, mask, trainable=False)
+            if unroll is None:
+                return f(x, cond)
+            return jax.lax.scan(lambda x, _: (x + 1e-3 * f(x, cond), None), x, None, length=length, unroll=unroll)[0]
 
-    jobs = {"gradient, one call": (jax.jit(grad_sim), 1), "gradient in lax.scan": (jax.jit(in_scan(grad_sim, 1)), length),
-            "gradient in unrolled scan": (jax.jit(in_scan(grad_sim, True)), length),
-            "forward in lax.scan": (jax.jit(in_scan(forward, 1)), length)}
+        return jax.jit(run)
+
+    jobs = {"gradient, one call": (program(grad_sim), 1), "gradient in lax.scan": (program(grad_sim, 1), length),
+            "gradient in unrolled scan": (program(grad_sim, True), length),
+            "forward in lax.scan": (program(forward, 1), length)}
     times = {}
     for name, (fn, n) in jobs.items():
         jax.block_until_ready(fn(x))
