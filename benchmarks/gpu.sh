@@ -10,7 +10,8 @@
 # plugin, torch, optax, chex, numpy, but transformers 5 (no Flax CLIP classes) and none of diffusers,
 # ml_collections, grain or tensorflow-datasets; the wheels below fill that in (~29 MiB, no CUDA wheels among them).
 # Environment: SPECS (default "small ddpm_cifar10 sd"), ROUNDS (3), ROUND_SECONDS (1.0), COMPILE=1 to add
-# torch.compile jobs (minutes of compilation per preset on a GPU: over the 5-minute budget).
+# torch.compile jobs (minutes of compilation per preset on a GPU: over the 5-minute budget), MEMORY=0 to skip the
+# memory analysis at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,4 +50,8 @@ for spec in ${SPECS:-small ddpm_cifar10 sd}; do
     --rounds "${ROUNDS:-3}" --round-seconds "${ROUND_SECONDS:-1.0}" --out "$OUTDIR/gpu_$spec.json" \
     2>&1 | tee "$OUTDIR/gpu_$spec.log" || status=1
 done
+# Last (the timings above are already written): the train step's peak memory with and without remat from XLA's
+# memory analysis on this backend (XLA:CPU does not keep remat's savings; see benchmarks/RESULTS.md).
+[[ "${MEMORY:-1}" == "1" ]] && { "$PY" benchmarks/run.py --spec matched --sections memory \
+  --out "$OUTDIR/gpu_memory.json" 2>&1 | tee "$OUTDIR/gpu_memory.log" || status=1; }
 exit $status
