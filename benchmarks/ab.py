@@ -1,0 +1,62 @@
+"""One suite job (benchmarks/suite_jobs.py) from two versions of the repository, timed side by side in one run.
+
+    .venv/bin/python benchmarks/ab.py --old cba2c84 --job "diffjax train" --rounds 7 --calls 3
+
+The old version is checked out into a temporary git worktree; each version's job runs in a process of its own
+(benchmarks/run.py's worker protocol), the order alternating each round; medians and the speed ratio new/old.
+"""
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_driver(root: str, tag: str):
+    spec = importlib.util.spec_from_file_location(f"run_{tag}", os.path.join(root, "benchmarks", "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--old", required=True, help="the git revision to compare the working tree against")
+    p.add_argument("--job", default="diffjax train", help="a key of suite_jobs.JOBS")
+    p.add_argument("--spec", default="matched", help="a key of suite_jobs.SPECS")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=3, help="calls per round")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="diffjax-ab-") as tmp:
+        old_root = os.path.join(tmp, "old")
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", old_root, args.old], cwd=ROOT, check=True)
+        try:
+            drivers = {"old": load_driver(old_root, "old"), "new": load_driver(ROOT, "new")}
+            sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+            from suite_jobs import SPECS
+
+            workers = {k: d.Worker(args.job, SPECS[args.spec]) for k, d in drivers.items()}
+            for k, w in workers.items():
+                if "error" in w.info:
+                    raise SystemExit(f"{k}: {w.info['error']}")
+            times = {k: [] for k in workers}
+            for r in range(args.rounds):
+                for k in (("old", "new") if r % 2 == 0 else ("new", "old")):
+                    out = workers[k].time(args.calls)
+                    times[k].append(out["wall"] / out["n"])
+            for w in workers.values():
+                w.close()
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", old_root], cwd=ROOT, check=False)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.job} ({args.spec}): old {args.old} {1e3 * med['old']:.1f} ms, new (working tree) "
+          f"{1e3 * med['new']:.1f} ms per call; new/old speed {med['old'] / med['new']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
