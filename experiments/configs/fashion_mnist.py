@@ -70,7 +70,7 @@ def get_config():
 
 def five_wordings_recipe(config):
     """``config`` with the recipe the demo had before the alignment term: five caption wordings, λ = 0, guidance 5
-    (what the long and DiT configs' figures in RESULTS.md were measured with)."""
+    (what the DiT config's figures and the earlier long run in RESULTS.md were measured with)."""
     config.alignment.weight = 0.0
     config.data.caption_templates = DEFAULT_TEMPLATES
     config.sampling.guidance_scale = 5.0
