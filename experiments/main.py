@@ -85,7 +85,9 @@ def _fail(e: BaseException) -> None:
     real_stderr = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
-    os.write(real_stderr, line.encode())
+    # A leading newline: another thread may have left a partial line on stderr just before the redirection (seen
+    # in CI: four spaces of a traceback's indentation), which would otherwise prefix this one.
+    os.write(real_stderr, ("\n" + line).encode())
     os._exit(2)
 
 
