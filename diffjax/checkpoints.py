@@ -102,6 +102,10 @@ class Checkpointer:
         args = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
         return self.manager.restore(step, args=ocp.args.Composite(state=args)).state
 
+    def delete(self, step: int) -> None:
+        """Remove the checkpoint of ``step`` from disk."""
+        self.manager.delete(int(step))
+
     def reload(self) -> None:
         """Read the list of steps on disk again (after a step directory was moved)."""
         self.manager.reload()

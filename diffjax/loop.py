@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from diffjax import pipeline
+from diffjax import pipeline, posthoc_ema
 from diffjax.checkpoints import Checkpointer
 from diffjax.train import Trainer, TrainState
 
@@ -264,20 +264,30 @@ def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> Trai
                          f"{trainer.image_shape} (config.data.image_size / channels)")
     with workdir_lock(workdir), StopRequest() as stop_request:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
+        # Snapshots for the post-hoc EMA (diffjax.posthoc_ema): all kept, written asynchronously as checkpoints are.
+        snaps = (Checkpointer(os.path.join(workdir, posthoc_ema.SNAPSHOT_DIR), max_to_keep=None)
+                 if cfg.ema.get("snapshot_every", 0) else None)
+        managers = [m for m in (ckpt, snaps) if m is not None]
         writer = MetricWriter(os.path.join(workdir, "tensorboard"))
         try:
-            state = _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at)
+            state = _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps)
         except BaseException:
-            try:  # the original error is the one to report
-                ckpt.close()
-            except Exception as e:
-                logging.error("%s", _save_failed(e, ckpt))
+            for m in managers:
+                try:  # the original error is the one to report
+                    m.close()
+                except Exception as e:
+                    logging.error("%s", _save_failed(e, m))
             writer.close()
             raise
         try:
-            ckpt.close()  # waits for the last asynchronous save
-        except Exception as e:
-            raise RunError(_save_failed(e, ckpt)) from None
+            errors = []
+            for m in managers:  # close them all, then report the first failure
+                try:
+                    m.close()  # waits for the last asynchronous save
+                except Exception as e:
+                    errors.append(_save_failed(e, m))
+            if errors:
+                raise RunError(errors[0])
         finally:
             writer.close()
         return state
@@ -305,7 +315,7 @@ def _grid_prompts(cfg, info, encoder) -> list[str]:
     return list(dict.fromkeys(str(c) for c in next(it)["caption"]))[:8]
 
 
-def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
+def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None):
     from diffjax.data import make_dataset
 
     cfg, tc, sc = trainer.config, trainer.config.training, trainer.config.sampling
@@ -323,6 +333,10 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
     else:
         state = trainer.init()
     start, last = int(state.step), int(tc.num_steps)
+    if snaps is not None:  # snapshots past the resumed step belong to the trajectory this run replaces
+        for s in snaps.steps():
+            if s > start:
+                snaps.delete(s)
 
     prompts = _grid_prompts(cfg, info, enc) if tc.sample_every else []
     # The run's sampling settings; alignment guidance follows the run's heads (a config.alignment.clip_model is
@@ -379,6 +393,7 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
     actions = [Periodic(tc.log_every, log_metrics, last), Periodic(tc.eval_every, evaluate, last, at_end=False),
                Periodic(tc.sample_every, write_samples, last)]
     checkpoint = Periodic(tc.checkpoint_every, None, last)
+    snapshot = Periodic(int(cfg.ema.get("snapshot_every", 0)) if snaps is not None else 0, None, last)
     try:
         for step in range(start + 1, last + 1):
             state, metrics = trainer.step(state, trainer.shard_batch(next(train_it)))
@@ -387,6 +402,11 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at):
             for action in actions:
                 action(step)
             stop = step == stop_at or stop_request.requested or ckpt.reached_preemption(step)
+            if snapshot.due(step):
+                try:
+                    snaps.save(step, posthoc_ema.snapshot_state(state), None, cfg, force=True)
+                except Exception as e:
+                    raise RunError(_save_failed(e, snaps)) from None
             if checkpoint.due(step) or stop:
                 check(step)
                 try:  # also raises the error of the previous asynchronous save, if it failed

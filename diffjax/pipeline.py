@@ -97,6 +97,7 @@ class Text2Image:
         self.sampler_options = dict(sampler_options or {})
         self.mesh = sharding.create_mesh(1) if mesh is None else mesh
         self.config, self.step = None, None  # the experiment config and step, when loaded from a checkpoint
+        self.ema_sigma_rel = None  # the post-hoc EMA's width, when built from a run's snapshots
         self._compiled: dict[tuple, Any] = {}
 
     @property
@@ -157,11 +158,14 @@ class Text2Image:
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, workdir: str, step: Optional[int] = None, use_ema: bool = True,
-                        mesh=None) -> "Text2Image":
+                        mesh=None, ema_sigma_rel: Optional[float] = None) -> "Text2Image":
         """The pipeline of the training run in ``workdir``: config, networks and (EMA) parameters from its
         checkpoint at ``step`` (default: the latest), on ``mesh`` (default: all devices), whatever the
         mesh, device count and batch size of the training run. Only the parameters it needs are read
-        (orbax partial restore: no optimizer state, no raw parameters when ``use_ema``); no dataset."""
+        (orbax partial restore: no optimizer state, no raw parameters when ``use_ema``); no dataset.
+        With ``ema_sigma_rel`` the parameters are the power-function EMA of that relative width at ``step``,
+        built after training from the run's EMA snapshots (``diffjax.posthoc_ema``; ``use_ema`` is then
+        unused)."""
         import ml_collections
 
         from diffjax.checkpoints import Checkpointer
@@ -193,13 +197,24 @@ class Text2Image:
         if not target["frozen"]:
             del target["frozen"]
         target = _with_shardings(target, mesh)
-        restored = ckpt.restore_subtree(target, step)
-        ckpt.close()
+        if ema_sigma_rel is not None:  # the frozen parts from the checkpoint, the trained ones built post hoc
+            from diffjax import posthoc_ema
+
+            trained = target.pop(which)
+            restored = ckpt.restore_subtree(target, step) if target else {}
+            ckpt.close()
+            restored[which], residual = posthoc_ema.reconstruct(workdir, step, ema_sigma_rel, trained, config.ema)
+            logging.info("post-hoc EMA of sigma_rel %g at step %d (profile fit: relative residual %.2g)",
+                         ema_sigma_rel, step, residual)
+        else:
+            restored = ckpt.restore_subtree(target, step)
+            ckpt.close()
         params = restored[which]
         text_params = params["text"] if "text" in params else restored["frozen"]["text"]
         size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
         sc = config.sampling
-        logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir, "EMA" if use_ema else "raw")
+        logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir,
+                     "raw" if not use_ema and ema_sigma_rel is None else "EMA")
         pipe = cls(models, params[models.component], text_params, (size, size, models.image_channels),
                    sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
                    timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=restored.get("frozen", {}).get("vae"),
@@ -209,6 +224,7 @@ class Text2Image:
                    alignment_params=params.get("alignment"),
                    alignment_guidance_scale=config.get("alignment", {}).get("guidance_scale", 0.0))
         pipe.config, pipe.step = config, step
+        pipe.ema_sigma_rel = ema_sigma_rel
         clip_model = config.get("alignment", {}).get("clip_model", "")
         return pipe.with_alignment_clip(clip_model) if clip_model else pipe
 

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffjax import losses, model_folder, sharding
+from diffjax import losses, model_folder, posthoc_ema, sharding
 from diffjax.checkpoints import abstract_with_shardings
 from diffjax.models.alignment import alignment_loss
 from diffjax.models.autoencoder import DiagonalGaussian, encode_latents, scale_latents
@@ -86,8 +86,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
     return optax.chain(*parts), lr
 
 
-def ema_decay(step: Array, decay: float, warmup: bool) -> Array:
-    """min(decay, (1 + step) / (10 + step)) with warmup, else ``decay``."""
+def ema_decay(step: Array, decay: float, warmup: bool, gamma: Optional[float] = None) -> Array:
+    """The EMA's decay at update ``step``: min(decay, (1 + step) / (10 + step)) with warmup, else ``decay``; with
+    ``gamma``, Karras et al. (2024)'s power function (1 - 1/(step + 1))^(γ + 1) (``diffjax.posthoc_ema``)."""
+    if gamma is not None:
+        step = jnp.asarray(step, jnp.float32)
+        return (1.0 - 1.0 / (step + 1.0)) ** (gamma + 1.0)
     if not warmup:
         return jnp.asarray(decay, jnp.float32)
     step = jnp.asarray(step, jnp.float32)
@@ -219,6 +223,8 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
     dc = config.diffusion
     encoder = models.text_encoder
     decay, warmup = float(config.ema.decay), bool(config.ema.warmup)
+    sigma_rel = float(config.ema.get("sigma_rel", 0.0) or 0.0)
+    gamma = posthoc_ema.gamma_of_sigma_rel(sigma_rel) if sigma_rel > 0 else None
     spike_sigma = float(config.training.loss_spike_sigma)
     sample_t = losses.timestep_sampler(models.schedule, dc.get("timestep_sampling", "uniform"),
                                        dc.get("log_normal_mean", -1.2), dc.get("log_normal_std", 1.2))
@@ -260,7 +266,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
             loss = jax.lax.pmean(loss, axis_name)
         grad_norm = optax.tree.norm(grads)
         accept, guard = update_guard(state.guard, state.step, loss, grad_norm, spike_sigma)
-        d = ema_decay(state.step, decay, warmup)
+        d = ema_decay(state.step, decay, warmup, gamma)
 
         def update(old):
             params, ema, opt_state = old

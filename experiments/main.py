@@ -59,6 +59,10 @@ flags.DEFINE_list("guidance_scales", [], "eval: also sweep these guidance scales
 flags.DEFINE_enum("timestep_spacing", None, ["leading", "trailing", "linspace"],
                   "sample/eval: sampler timestep spacing (default: the run's config.sampling).")
 flags.DEFINE_integer("step", None, "sample/eval/export: checkpoint step (default: the latest).")
+flags.DEFINE_float("ema_sigma_rel", None, "sample/eval/export: use the power-function EMA of this relative width "
+                   "at --step (Karras et al. 2024), built from the run's EMA snapshots (config.ema.snapshot_every).")
+flags.DEFINE_string("eval_tag", "", "eval: write into eval/step_N_TAG/ rather than eval/step_N/ (keeps earlier "
+                    "evaluations of the same step).")
 flags.DEFINE_string("init_image", None, "sample: image-to-image from this image file (SDEdit).")
 flags.DEFINE_float("strength", 0.75, "sample: image-to-image strength in [0, 1].")
 flags.DEFINE_string("mask", None, "sample: inpainting mask file (white = generate, black = keep init_image).")
@@ -151,10 +155,15 @@ def _load_pipeline():
     ec = FLAGS.config.evaluation if FLAGS.config is not None and "evaluation" in FLAGS.config else None
     use_ema = bool(ec.use_ema) if ec is not None else True
     try:
+        from diffjax.posthoc_ema import check_sigma_rel
+
+        sigma_rel = check_sigma_rel(FLAGS.ema_sigma_rel, "--ema_sigma_rel")
+        if FLAGS.model and sigma_rel is not None:
+            raise ValueError("--ema_sigma_rel needs a training run's snapshots (--workdir), not --model")
         if FLAGS.model:
             pipe = Text2Image.from_pretrained(FLAGS.model, dtype=FLAGS.dtype)
         else:
-            pipe = Text2Image.from_checkpoint(FLAGS.workdir, step=FLAGS.step, use_ema=use_ema)
+            pipe = Text2Image.from_checkpoint(FLAGS.workdir, step=FLAGS.step, use_ema=use_ema, ema_sigma_rel=sigma_rel)
             pipe = pipe if FLAGS.dtype is None else pipe.to_dtype(FLAGS.dtype)
         if FLAGS.alignment_clip:
             pipe = pipe.with_alignment_clip(FLAGS.alignment_clip)
@@ -177,6 +186,8 @@ def evaluate() -> None:
     ec = FLAGS.config.evaluation if FLAGS.config is not None else default.get_config().evaluation
     if FLAGS.model and FLAGS.config is None:
         _fail(ValueError("--mode=eval --model=... needs --config for the dataset to compare against"))
+    if FLAGS.eval_tag and not all(c.isalnum() or c in "-_.=" for c in FLAGS.eval_tag):
+        _fail(ValueError(f"--eval_tag={FLAGS.eval_tag!r}: use letters, digits and - _ . = only (it names a folder)"))
     pipe = _load_pipeline()
     try:
         data_config = validate_data_config((pipe.config or FLAGS.config).data)
@@ -204,7 +215,10 @@ def evaluate() -> None:
                    guidance_interval=sampling.get("guidance_interval", pipe.defaults["guidance_interval"]),
                    alignment_guidance_scale=sampling.get("alignment_guidance_scale",
                                                          pipe.defaults["alignment_guidance_scale"]))
-    out = os.path.join(FLAGS.workdir, "eval", f"step_{pipe.step:06d}" if pipe.step is not None else "model")
+    if FLAGS.ema_sigma_rel is not None:
+        metrics["ema_sigma_rel"] = FLAGS.ema_sigma_rel
+    name = f"step_{pipe.step:06d}" if pipe.step is not None else "model"
+    out = os.path.join(FLAGS.workdir, "eval", name + (f"_{FLAGS.eval_tag}" if FLAGS.eval_tag else ""))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
@@ -216,8 +230,9 @@ def evaluate() -> None:
     pipeline.save_image(grid, os.path.join(out, "grid.png"), scale=2)
     writer = MetricWriter(os.path.join(FLAGS.workdir, "tensorboard"))
     step = pipe.step or 0
-    writer.write_scalars(step, {k: v for k, v in metrics.items() if isinstance(v, float)}, prefix="eval/")
-    writer.write_image(step, "eval/grid", grid)
+    prefix = f"eval_{FLAGS.eval_tag}/" if FLAGS.eval_tag else "eval/"
+    writer.write_scalars(step, {k: v for k, v in metrics.items() if isinstance(v, float)}, prefix=prefix)
+    writer.write_image(step, prefix + "grid", grid)
     writer.close()
     print(f"{'step ' + str(pipe.step) if pipe.step is not None else FLAGS.model}: conditioning accuracy {metrics['conditioning_accuracy']:.4f} "
           f"(classifier on real test images {metrics['classifier_test_accuracy']:.4f}; relative "

@@ -8,7 +8,7 @@ from typing import Iterable
 
 import ml_collections
 
-from diffjax import guidance, losses, pipeline, samplers, schedules
+from diffjax import guidance, losses, pipeline, posthoc_ema, samplers, schedules
 from diffjax.data.input_pipeline import validate_data_config
 from diffjax.models import factory
 from diffjax.models.alignment import heads_from_config
@@ -87,6 +87,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"config.data.channels={config.data.channels}")
     if not 0.0 <= config.ema.decay < 1.0:
         raise ValueError(f"config.ema.decay={config.ema.decay} must be in [0, 1)")
+    if config.ema.sigma_rel:
+        posthoc_ema.check_sigma_rel(config.ema.sigma_rel, "config.ema.sigma_rel")
+    if config.ema.snapshot_every < 0:
+        raise ValueError(f"config.ema.snapshot_every={config.ema.snapshot_every} must be >= 0 (0: no snapshots)")
     validate_data_config(config.data)
 
 

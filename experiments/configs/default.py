@@ -91,6 +91,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.ema = ml_collections.ConfigDict()
     config.ema.decay = 0.9995  # EMA decay of the parameters used for sampling and evaluation
     config.ema.warmup = True  # decay_t = min(decay, (1 + t) / (10 + t))
+    # > 0: a power-function EMA of this relative width instead (Karras et al. 2024; diffjax.posthoc_ema): an
+    # average over the last fraction of training whatever its length; decay and warmup are then unused.
+    config.ema.sigma_rel = 0.0
+    # > 0: every this many steps save the parameters and their EMA into WORKDIR/ema_snapshots, from which
+    # --mode=eval/sample/export --ema_sigma_rel=S builds the power-function EMA of any width S after training.
+    config.ema.snapshot_every = 0
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 64  # global batch size (all devices and processes)
