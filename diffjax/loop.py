@@ -393,7 +393,7 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
     actions = [Periodic(tc.log_every, log_metrics, last), Periodic(tc.eval_every, evaluate, last, at_end=False),
                Periodic(tc.sample_every, write_samples, last)]
     checkpoint = Periodic(tc.checkpoint_every, None, last)
-    snapshot = Periodic(int(cfg.ema.get("snapshot_every", 0)) if snaps is not None else 0, None, last)
+    snapshot = Periodic(int(cfg.ema.get("snapshot_every", 0)), None, last)  # 0 (never) exactly when snaps is None
     try:
         for step in range(start + 1, last + 1):
             state, metrics = trainer.step(state, trainer.shard_batch(next(train_it)))

@@ -197,18 +197,16 @@ class Text2Image:
         if not target["frozen"]:
             del target["frozen"]
         target = _with_shardings(target, mesh)
-        if ema_sigma_rel is not None:  # the frozen parts from the checkpoint, the trained ones built post hoc
+        # With ema_sigma_rel only the frozen parts come from the checkpoint; the trained ones are built post hoc.
+        trained = target.pop(which) if ema_sigma_rel is not None else None
+        restored = ckpt.restore_subtree(target, step) if target else {}
+        ckpt.close()
+        if trained is not None:
             from diffjax import posthoc_ema
 
-            trained = target.pop(which)
-            restored = ckpt.restore_subtree(target, step) if target else {}
-            ckpt.close()
             restored[which], residual = posthoc_ema.reconstruct(workdir, step, ema_sigma_rel, trained, config.ema)
             logging.info("post-hoc EMA of sigma_rel %g at step %d (profile fit: relative residual %.2g)",
                          ema_sigma_rel, step, residual)
-        else:
-            restored = ckpt.restore_subtree(target, step)
-            ckpt.close()
         params = restored[which]
         text_params = params["text"] if "text" in params else restored["frozen"]["text"]
         size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size

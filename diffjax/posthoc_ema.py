@@ -64,11 +64,17 @@ def power_decays(num_updates: int, gamma: float) -> np.ndarray:
     return (1.0 - 1.0 / (k + 1.0)) ** (gamma + 1.0)
 
 
+def config_gamma(config_ema) -> Optional[float]:
+    """The power-function exponent γ of a run with ``config.ema``: None unless ``sigma_rel`` > 0."""
+    sigma_rel = float(config_ema.get("sigma_rel", 0.0) or 0.0)
+    return gamma_of_sigma_rel(sigma_rel) if sigma_rel > 0 else None
+
+
 def ema_decays(config_ema, num_updates: int) -> np.ndarray:
     """The decays a run with ``config.ema`` used: a power function when ``sigma_rel`` > 0, else decay/warmup."""
-    sigma_rel = float(config_ema.get("sigma_rel", 0.0) or 0.0)
-    if sigma_rel > 0:
-        return power_decays(num_updates, gamma_of_sigma_rel(sigma_rel))
+    gamma = config_gamma(config_ema)
+    if gamma is not None:
+        return power_decays(num_updates, gamma)
     return warmup_decays(num_updates, float(config_ema["decay"]), bool(config_ema.get("warmup", True)))
 
 

@@ -223,8 +223,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
     dc = config.diffusion
     encoder = models.text_encoder
     decay, warmup = float(config.ema.decay), bool(config.ema.warmup)
-    sigma_rel = float(config.ema.get("sigma_rel", 0.0) or 0.0)
-    gamma = posthoc_ema.gamma_of_sigma_rel(sigma_rel) if sigma_rel > 0 else None
+    gamma = posthoc_ema.config_gamma(config.ema)
     spike_sigma = float(config.training.loss_spike_sigma)
     sample_t = losses.timestep_sampler(models.schedule, dc.get("timestep_sampling", "uniform"),
                                        dc.get("log_normal_mean", -1.2), dc.get("log_normal_std", 1.2))
