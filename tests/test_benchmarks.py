@@ -70,3 +70,37 @@ def test_driver_times_diffjax_and_pytorch_train_steps(tmp_path, subprocess_env):
     # XLA's and PyTorch's counters count the same step's FLOPs to within a factor (XLA counts elementwise work too)
     assert 0.5 < dj["info"]["flops"] / pt["info"]["flops"] < 3.0
     assert "diffjax train / best of pytorch train" in proc.stdout
+
+
+def test_profile_step_sums_kernel_time_by_kernel_and_kind(tmp_path):
+    """benchmarks/profile_step.py: only kernel executions (events naming an hlo_op) count, summed per kernel and
+    per kind, and each listed kernel is shown with its instruction from the dumped optimized HLO."""
+    import profile_step
+
+    def ev(name, ts, dur, op=True):
+        args = {"hlo_op": name, "hlo_module": "jit_step"} if op else {}
+        return {"ph": "X", "pid": 1, "tid": 2, "ts": ts, "dur": dur, "name": name, "args": args}
+
+    trace = {"traceEvents": [
+        ev("ThunkExecutor::Execute", 0, 9000, op=False),  # a wrapper, not a kernel
+        ev("ynn_fusion.3", 0, 4000), ev("end: ynn_fusion.3", 3990, 0.1, op=False),
+        ev("ynn_fusion.12", 4000, 2000), ev("transpose_copy_fusion.1", 6000, 1000), ev("ynn_fusion.3", 7000, 1000),
+        {"ph": "M", "pid": 1, "tid": 2, "name": "thread_name", "args": {"name": "xla"}},
+    ]}
+    events = profile_step.kernel_events(trace)
+    assert [e["name"] for e in events] == ["ynn_fusion.3", "ynn_fusion.12", "transpose_copy_fusion.1", "ynn_fusion.3"]
+    assert profile_step.kind("ynn_fusion.12") == "ynn_fusion" and profile_step.kind("dot") == "dot"
+    (tmp_path / "module_0007.jit_step.cpu_after_optimizations.txt").write_text(
+        "HloModule jit_step\n\nENTRY %main {\n"
+        "  %ynn_fusion.3 = f32[64,28,28,48]{3,2,1,0} fusion(%a, %b), kind=kCustom, metadata={op_name=\"x\"}\n"
+        "  ROOT %transpose_copy_fusion.1 = f32[48,28,28,64]{3,2,1,0} fusion(%c), kind=kLoop\n}\n")
+    hlo = profile_step.hlo_lines(str(tmp_path))
+    assert hlo["jit_step"]["ynn_fusion.3"].startswith("f32[64,28,28,48]{3,2,1,0} fusion(%a, %b)")
+    text = profile_step.summarize(trace, wall_s=0.01, top=5, hlo=hlo).splitlines()
+    assert text[0].startswith("traced wall 0.010 s; 4 kernel executions, busy 0.008 s (0.80 threads")
+    by_kind = text[text.index("by kind:") + 1:text.index("by kernel:") - 1]
+    assert [line.split()[-2:] for line in by_kind] == [["ynn_fusion", "(x3)"], ["transpose_copy_fusion", "(x1)"]]
+    assert by_kind[0].split()[0] == "0.007"  # 4 + 2 + 1 ms
+    first = text[text.index("by kernel:") + 1]
+    assert first.split()[:3] == ["0.005", "s", "50.0%"] and "ynn_fusion.3  = f32[64,28,28,48]" in first
+    assert "metadata" not in first
