@@ -27,7 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import xla_cpu
 from diffjax.models.unet import banded_conv
+
+XLA_CONVOLUTIONS = xla_cpu.use_xla_convolutions()  # as the command line runs (DIFFJAX_XLA_CPU_CONVOLUTIONS=off: not)
 
 # (batch, rows, columns, in channels, out channels) of the demo U-Net's 3x3 stride-1 convolutions.
 LAYERS = [
@@ -124,7 +127,8 @@ def main() -> None:
                         help="override a config key of the train step, e.g. --set model.unet.channels=32")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {jax.device_count()} "
-          f"{jax.devices()[0].platform} device(s), jax {jax.__version__}")
+          f"{jax.devices()[0].platform} device(s), jax {jax.__version__}; XLA:CPU convolutions: "
+          f"{'XLA' if XLA_CONVOLUTIONS else 'default (YNNPACK)'}")
     layers(args.rounds, args.layer_iters)
     if not args.no_step:
         step(args.config, args.rounds, args.step_iters, args.set)

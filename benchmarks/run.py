@@ -15,6 +15,9 @@ Sections (``--sections``, comma-separated):
   sample   50-step DDIM + classifier-free guidance images/s: ``Text2Image.generate`` (tokenization and text encoding
            included) and the bare sampler, against a FlaxStableDiffusionPipeline-style jitted loop and diffusers'
            PyTorch pipeline loop (eager and compiled);
+           diffjax's jobs run with the XLA flag its command line sets (``diffjax.xla_cpu``: XLA:CPU's own
+           convolution kernels instead of YNNPACK's); diffusers-Flax runs both as it ships and with that flag
+           (``diffusers-flax+xla-conv``), so that the ratio to each is printed;
   compile  the train step's compile time for the tiny, fashion_mnist and matched configs, cold (an empty persistent
            compilation cache) and warm (the cache the cold run filled); the sampler at 10 vs 1000 steps; the
            programs compiled by a process that varies prompts, seeds, guidance and batches after its first call;
@@ -48,10 +51,10 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 SECTIONS = ("train", "sample", "compile", "memory", "input")
-TRAIN_JOBS = ("matmul peak", "diffjax train", "diffusers-flax train", "pytorch train", "pytorch+compile train",
-              "diffjax train (fashion_mnist config)")
-SAMPLE_JOBS = ("diffjax Text2Image", "diffjax sampler", "diffusers-flax sample", "pytorch sample",
-               "pytorch+compile sample")
+TRAIN_JOBS = ("matmul peak", "diffjax train", "diffusers-flax train", "diffusers-flax+xla-conv train",
+              "pytorch train", "pytorch+compile train", "diffjax train (fashion_mnist config)")
+SAMPLE_JOBS = ("diffjax Text2Image", "diffjax sampler", "diffusers-flax sample", "diffusers-flax+xla-conv sample",
+               "pytorch sample", "pytorch+compile sample")
 # Several JAX processes share an accelerator during a run: none may take 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 TAG = "@@suite "  # prefix of the worker's protocol lines on its stdout (libraries may print there too)
@@ -145,7 +148,7 @@ def timed_rounds(names, spec, rounds: int, round_seconds: float) -> dict:
 
 def report_rate(results: dict, base: str, peers: list[str], title: str) -> None:
     print(f"\n{title}")
-    print(f"  {'job':24s} {'images/s':>9s} {'x ' + base:>18s} {'params':>11s} {'cores':>6s} {'first call':>11s}")
+    print(f"  {'job':31s} {'images/s':>9s} {'x ' + base:>18s} {'params':>11s} {'cores':>6s} {'first call':>11s}")
     b = results.get(base, {}).get("images_per_s")
     for name, res in results.items():
         if res["images_per_s"] is None or not res["info"].get("compared", True):
@@ -153,7 +156,7 @@ def report_rate(results: dict, base: str, peers: list[str], title: str) -> None:
         info = res["info"]
         ratio = f"{res['images_per_s'] / b:.2f}" if b else "-"
         params = f"{info['params']:,}" if info.get("params") else ""
-        print(f"  {name:24s} {res['images_per_s']:9.2f} {ratio:>18s} {params:>11s} {res['cores']:6.2f} "
+        print(f"  {name:31s} {res['images_per_s']:9.2f} {ratio:>18s} {params:>11s} {res['cores']:6.2f} "
               f"{info.get('first_s', 0):10.1f}s")
     if b:
         for peer_group in peers:
@@ -166,7 +169,8 @@ def report_rate(results: dict, base: str, peers: list[str], title: str) -> None:
 def section_train(spec, args, record) -> None:
     res = timed_rounds(TRAIN_JOBS, spec, args.rounds, args.round_seconds)
     record["train"] = res
-    report_rate(res, "diffjax train", [["diffusers-flax train"], ["pytorch train", "pytorch+compile train"]],
+    report_rate(res, "diffjax train", [["diffusers-flax train"], ["diffusers-flax+xla-conv train"],
+                                       ["pytorch train", "pytorch+compile train"]],
                 f"train step, batch {spec.batch} ({args.rounds} rounds, medians)")
     peak = res.get("matmul peak")
     if peak:
@@ -185,11 +189,13 @@ def section_train(spec, args, record) -> None:
 def section_sample(spec, args, record) -> None:
     res = timed_rounds(SAMPLE_JOBS, spec, args.rounds, args.round_seconds)
     record["sample"] = res
-    report_rate(res, "diffjax Text2Image", [["diffusers-flax sample"], ["pytorch sample", "pytorch+compile sample"]],
+    report_rate(res, "diffjax Text2Image", [["diffusers-flax sample"], ["diffusers-flax+xla-conv sample"],
+                                            ["pytorch sample", "pytorch+compile sample"]],
                 f"sampling: 50 DDIM steps, guidance 7.5, batch {spec.sample_batch} ({args.rounds} rounds, medians)")
     if "diffjax sampler" in res and res["diffjax sampler"]["images_per_s"]:
         s = res["diffjax sampler"]["images_per_s"]
-        for peer in ("diffusers-flax sample", "pytorch sample", "pytorch+compile sample"):
+        for peer in ("diffusers-flax sample", "diffusers-flax+xla-conv sample", "pytorch sample",
+                     "pytorch+compile sample"):
             if peer in res:
                 print(f"  diffjax sampler / {peer}: {s / res[peer]['images_per_s']:.2f}x")
 
@@ -214,7 +220,11 @@ def _config_for(name: str, spec):
 
 def probe(kind: str, arg: str, spec) -> None:
     """In a fresh process: ``train`` (compile seconds of a config's train step), ``sampler`` (compile seconds of
-    the fashion_mnist pipeline at ``arg`` steps), ``recompiles`` or ``memory``; one JSON line."""
+    the fashion_mnist pipeline at ``arg`` steps), ``recompiles`` or ``memory``; one JSON line. Compiled with the
+    XLA flags diffjax's command line sets (``diffjax.xla_cpu``)."""
+    from diffjax import xla_cpu
+
+    xla_cpu.use_xla_convolutions()
     import jax
 
     compile_s = {"s": 0.0, "backend": 0}

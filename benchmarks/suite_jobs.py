@@ -544,15 +544,31 @@ def matmul_peak(spec: Spec) -> Job:
                                                             "dtype": spec.dtype})
 
 
+def xla_convolutions(build: Callable[..., Job]) -> Callable[..., Job]:
+    """The job with XLA:CPU's own convolution kernels (``diffjax.xla_cpu``), as diffjax's command line runs: set
+    in the job's process before JAX's backend starts. diffusers-Flax gets it too, as a second peer (the flag is
+    XLA's, open to any JAX program), beside diffusers-Flax as it ships."""
+
+    def job(spec: Spec) -> Job:
+        from diffjax import xla_cpu
+
+        xla_cpu.use_xla_convolutions()
+        return build(spec)
+
+    return job
+
+
 JOBS: dict[str, Callable[..., Job]] = {
-    "diffjax train": diffjax_train,
-    "diffjax train (fashion_mnist config)": diffjax_train_fashion_mnist,
+    "diffjax train": xla_convolutions(diffjax_train),
+    "diffjax train (fashion_mnist config)": xla_convolutions(diffjax_train_fashion_mnist),
     "diffusers-flax train": flax_train,
+    "diffusers-flax+xla-conv train": xla_convolutions(flax_train),
     "pytorch train": torch_train,
     "pytorch+compile train": lambda spec: torch_train(spec, compile=True),
-    "diffjax Text2Image": diffjax_sample,
-    "diffjax sampler": diffjax_bare_sample,
+    "diffjax Text2Image": xla_convolutions(diffjax_sample),
+    "diffjax sampler": xla_convolutions(diffjax_bare_sample),
     "diffusers-flax sample": flax_sample,
+    "diffusers-flax+xla-conv sample": xla_convolutions(flax_sample),
     "pytorch sample": torch_sample,
     "pytorch+compile sample": lambda spec: torch_sample(spec, compile=True),
     "matmul peak": matmul_peak,

@@ -348,8 +348,9 @@ def convert() -> None:
 def main(argv):
     if len(argv) > 1:
         _fail(ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)"))
-    from diffjax import sharding
+    from diffjax import sharding, xla_cpu
 
+    xla_cpu.use_xla_convolutions()  # before JAX's backend starts; see diffjax/xla_cpu.py
     enable_compilation_cache()
 
     if FLAGS.model and FLAGS.mode not in ("sample", "eval"):

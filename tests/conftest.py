@@ -16,6 +16,12 @@ _OWN_CACHE = None
 if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffjax-test-xla-cache-")
 
+# The XLA:CPU convolution kernels diffjax's command line chooses (diffjax.xla_cpu), so that the tests compile
+# the programs users run; set before JAX's backend starts, inherited by the subprocesses.
+from diffjax import xla_cpu  # noqa: E402
+
+xla_cpu.use_xla_convolutions()
+
 import pytest  # noqa: E402
 
 from fakes import write_fake_fashion_mnist  # noqa: E402
@@ -31,7 +37,8 @@ WORKER = os.path.join(ROOT, "tests", "train_worker.py")
 
 def _subprocess_env(devices: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    env["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={devices}"])
     return env
 
 
