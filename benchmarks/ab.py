@@ -1,9 +1,12 @@
 """One suite job (benchmarks/suite_jobs.py) from two versions of the repository, timed side by side in one run.
 
     .venv/bin/python benchmarks/ab.py --old cba2c84 --job "diffjax train" --rounds 7 --calls 3
+    .venv/bin/python benchmarks/ab.py --old HEAD --old-env DIFFJAX_XLA_CPU_CONVOLUTIONS=off --job "diffjax sampler"
 
 The old version is checked out into a temporary git worktree; each version's job runs in a process of its own
 (benchmarks/run.py's worker protocol), the order alternating each round; medians and the speed ratio new/old.
+``--old-env KEY=VALUE`` sets environment variables of the old version's process only: with ``--old HEAD`` it
+times one tree with and without a setting (the second example: XLA:CPU's convolution kernels, diffjax.xla_cpu).
 """
 
 import argparse
@@ -31,7 +34,15 @@ def main() -> None:
     p.add_argument("--spec", default="matched", help="a key of suite_jobs.SPECS")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=3, help="calls per round")
+    p.add_argument("--old-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable of the old version's process (repeatable)")
     args = p.parse_args()
+    old_env = dict(os.environ)
+    for item in args.old_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--old-env {item!r} is not KEY=VALUE")
+        old_env[key] = value
     with tempfile.TemporaryDirectory(prefix="diffjax-ab-") as tmp:
         old_root = os.path.join(tmp, "old")
         subprocess.run(["git", "worktree", "add", "-q", "--detach", old_root, args.old], cwd=ROOT, check=True)
@@ -40,7 +51,8 @@ def main() -> None:
             sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
             from suite_jobs import SPECS
 
-            workers = {k: d.Worker(args.job, SPECS[args.spec]) for k, d in drivers.items()}
+            workers = {k: d.Worker(args.job, SPECS[args.spec], env=old_env if k == "old" else None)
+                       for k, d in drivers.items()}
             for k, w in workers.items():
                 if "error" in w.info:
                     raise SystemExit(f"{k}: {w.info['error']}")
@@ -54,7 +66,8 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", old_root], cwd=ROOT, check=False)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.job} ({args.spec}): old {args.old} {1e3 * med['old']:.1f} ms, new (working tree) "
+    old_name = " ".join([args.old, *args.old_env])
+    print(f"{args.job} ({args.spec}): old {old_name} {1e3 * med['old']:.1f} ms, new (working tree) "
           f"{1e3 * med['new']:.1f} ms per call; new/old speed {med['old'] / med['new']:.3f}x")
 
 

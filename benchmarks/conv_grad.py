@@ -10,6 +10,8 @@ sum over bands of ~7 output rows. *step*: the demo config's whole jitted ``Train
 backward, Adam, EMA) with ``conv_impl="xla"`` vs ``"banded"``, one synthetic batch on the device.
 The two variants alternate (rounds) so that drifting machine load hits both alike; medians are reported
 with the ratio xla / banded (> 1: banded is faster). Results are recorded in benchmarks/RESULTS.md.
+The convolutions run on XLA's own kernels, as the command line runs them (``diffjax.xla_cpu``; there the automatic
+``conv_impl`` is ``"xla"``); ``DIFFJAX_XLA_CPU_CONVOLUTIONS=off`` measures them on YNNPACK's (there: ``"banded"``).
 """
 
 from __future__ import annotations

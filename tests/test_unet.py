@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffjax import xla_cpu
 from diffjax.models import PRESETS, UNet, UNetConfig, count_params, timestep_embedding, unet_preset
 from diffjax.models.unet import GroupNorm, banded_conv
 
@@ -205,8 +206,8 @@ def test_banded_conv_gives_xla_values_and_gradients(shape, kernel, padding):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_conv_implementations_give_the_same_gradients():
-    # The U-Net with banded weight gradients (auto on CPU) against XLA's own: one 16x16 level (two bands).
+def test_conv_implementations_give_the_same_gradients(monkeypatch):
+    # The U-Net with banded weight gradients against XLA's own: one 16x16 level (two bands).
     cfg = unet_preset("tiny", channel_mult=(1,), attention_levels=(), mid_attention=False, dropout=0.0)
     x, t, _, _ = _inputs(cfg)
     shapes = jax.eval_shape(lambda k: UNet(cfg).init(k, x, t), jax.random.key(0))
@@ -227,7 +228,12 @@ def test_conv_implementations_give_the_same_gradients():
         c = cfg.replace(conv_impl=impl)
         return str(jax.make_jaxpr(lambda p: UNet(c).apply(p, x, t))(params)).count("custom_vjp_call")
 
-    assert (vjp_calls("banded"), vjp_calls("xla"), vjp_calls(None)) == (12, 0, 12)
+    assert (vjp_calls("banded"), vjp_calls("xla")) == (12, 0)
+    # auto: the bands with XLA:CPU's default (YNNPACK) convolutions, XLA's own with diffjax.xla_cpu's flag.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert vjp_calls(None) == 12
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 {xla_cpu.FLAG}")
+    assert vjp_calls(None) == 0
 
 
 def test_bfloat16_compute_is_close_to_float32(tiny):

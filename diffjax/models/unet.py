@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from diffjax import xla_cpu
+
 __all__ = [
     "UNetConfig",
     "UNet",
@@ -148,8 +150,9 @@ class UNetConfig(PresetConfig):
       conv_impl: how the weight gradients of the stride-1 convolutions are computed (the forward pass and
         the input gradients are XLA's convolutions either way). ``"xla"``: XLA's own transposed
         convolution; ``"banded"``: the same sum split into bands of ~7 output rows (see
-        :func:`banded_conv`), up to 8x faster on XLA:CPU; ``None`` (auto): ``"banded"`` on the CPU
-        backend, ``"xla"`` elsewhere.
+        :func:`banded_conv`), up to 8x faster with XLA:CPU's default (YNNPACK) convolutions; ``None`` (auto):
+        ``"banded"`` on the CPU backend with YNNPACK's convolutions, ``"xla"`` elsewhere, and on the CPU
+        with XLA's own convolution kernels (:mod:`diffjax.xla_cpu`: there XLA's weight gradient is the faster).
       gelu_approximate: the GEGLU feed-forward's GELU in its tanh approximation (True) or exact (False, as
         diffusers' Stable Diffusion U-Net; weights converted from there set it).
       transformer_norm_eps: epsilon of the spatial transformers' GroupNorm (None: ``norm_eps``; 1e-6 in diffusers'
@@ -488,7 +491,7 @@ def conv_general_dilated(impl: Optional[str] = None):
     """A ``conv_general_dilated`` for ``nn.Conv``: :func:`banded_conv` for the stride-1, undilated,
     ungrouped NHWC convolutions when ``impl`` (``UNetConfig.conv_impl``) asks for it, XLA's otherwise."""
     if impl is None:  # auto
-        impl = "banded" if jax.default_backend() == "cpu" else "xla"
+        impl = "banded" if jax.default_backend() == "cpu" and not xla_cpu.convolutions_from_xla() else "xla"
 
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
              feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None):
