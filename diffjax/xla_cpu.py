@@ -4,8 +4,9 @@ jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default, and YNNPACK runs
 a 3×3, 64 -> 64 channel convolution at 32×32, batch 32, kept 1.0 of 2 cores busy (96 GFLOP/s) where XLA's own
 convolution kernel kept 1.8 busy (150 GFLOP/s, 1.56x faster; AMD EPYC, 2 cores). The flag
 ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` leaves the matmuls with YNNPACK (they use
-every core there) and gives the convolutions back to XLA. Measured on the suite's jobs (``benchmarks/run.py``,
-the same machine): the fashion_mnist config's train step 1.30x, the matched train step 1.12x faster.
+every core there) and gives the convolutions back to XLA. Measured on the suite's jobs, with and without the flag
+side by side (``benchmarks/ab.py --old-env``; benchmarks/RESULTS.md): the fashion_mnist config's train step 1.22x,
+the matched U-Net's 50-step sampler 1.24x faster.
 With XLA's kernels the weight gradients of convolutions are no longer slow either, so the U-Net's automatic
 ``conv_impl`` follows :func:`convolutions_from_xla` (XLA's own transposed convolution instead of the bands).
 
