@@ -27,7 +27,7 @@ $(FMNIST_IDX):
 	apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
 		|| sudo apt-get install -y -q dataset-fashion-mnist
 
-# The feature network of the metrics (trained once, ~4 min), then the text-to-image model (~16 min),
+# The feature network of the metrics (trained once, 2-4 min), then the text-to-image model (8-16 min),
 # then its evaluation: a grid for every class and the metrics (WORKDIR/eval/step_*/).
 $(CLASSIFIER)/metrics.json: | venv $(FMNIST_IDX)
 	$(MAIN) --mode=train_classifier --config=experiments/configs/fashion_mnist_classifier.py --workdir=$(CLASSIFIER)
