@@ -33,7 +33,6 @@ from diffjax import xla_cpu
 from diffjax.models.unet import banded_conv
 
 XLA_CONVOLUTIONS = xla_cpu.use_xla_convolutions()  # as the command line runs (DIFFJAX_XLA_CPU_CONVOLUTIONS=off: not)
-xla_cpu.reuse_freed_memory()
 
 # (batch, rows, columns, in channels, out channels) of the demo U-Net's 3x3 stride-1 convolutions.
 LAYERS = [

@@ -15,10 +15,9 @@ Sections (``--sections``, comma-separated):
   sample   50-step DDIM + classifier-free guidance images/s: ``Text2Image.generate`` (tokenization and text encoding
            included) and the bare sampler, against a FlaxStableDiffusionPipeline-style jitted loop and diffusers'
            PyTorch pipeline loop (eager and compiled);
-           diffjax's jobs run with the process settings its command line makes (``diffjax.xla_cpu``: XLA:CPU's
-           own convolution kernels instead of YNNPACK's, malloc keeping freed memory); diffusers-Flax runs both
-           as it ships and with those settings (``diffusers-flax+cpu-settings``), so that the ratio to each is
-           printed;
+           diffjax's jobs run with the XLA flag its command line sets (``diffjax.xla_cpu``: XLA:CPU's own
+           convolution kernels instead of YNNPACK's); diffusers-Flax runs both as it ships and with that flag
+           (``diffusers-flax+xla-conv``), so that the ratio to each is printed;
   compile  the train step's compile time for the tiny, fashion_mnist and matched configs, cold (an empty persistent
            compilation cache) and warm (the cache the cold run filled); the sampler at 10 vs 1000 steps; the
            programs compiled by a process that varies prompts, seeds, guidance and batches after its first call;
@@ -52,9 +51,9 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 SECTIONS = ("train", "sample", "compile", "memory", "input")
-TRAIN_JOBS = ("matmul peak", "diffjax train", "diffusers-flax train", "diffusers-flax+cpu-settings train",
+TRAIN_JOBS = ("matmul peak", "diffjax train", "diffusers-flax train", "diffusers-flax+xla-conv train",
               "pytorch train", "pytorch+compile train", "diffjax train (fashion_mnist config)")
-SAMPLE_JOBS = ("diffjax Text2Image", "diffjax sampler", "diffusers-flax sample", "diffusers-flax+cpu-settings sample",
+SAMPLE_JOBS = ("diffjax Text2Image", "diffjax sampler", "diffusers-flax sample", "diffusers-flax+xla-conv sample",
                "pytorch sample", "pytorch+compile sample")
 # Several JAX processes share an accelerator during a run: none may take 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -170,7 +169,7 @@ def report_rate(results: dict, base: str, peers: list[str], title: str) -> None:
 def section_train(spec, args, record) -> None:
     res = timed_rounds(TRAIN_JOBS, spec, args.rounds, args.round_seconds)
     record["train"] = res
-    report_rate(res, "diffjax train", [["diffusers-flax train"], ["diffusers-flax+cpu-settings train"],
+    report_rate(res, "diffjax train", [["diffusers-flax train"], ["diffusers-flax+xla-conv train"],
                                        ["pytorch train", "pytorch+compile train"]],
                 f"train step, batch {spec.batch} ({args.rounds} rounds, medians)")
     peak = res.get("matmul peak")
@@ -190,12 +189,12 @@ def section_train(spec, args, record) -> None:
 def section_sample(spec, args, record) -> None:
     res = timed_rounds(SAMPLE_JOBS, spec, args.rounds, args.round_seconds)
     record["sample"] = res
-    report_rate(res, "diffjax Text2Image", [["diffusers-flax sample"], ["diffusers-flax+cpu-settings sample"],
+    report_rate(res, "diffjax Text2Image", [["diffusers-flax sample"], ["diffusers-flax+xla-conv sample"],
                                             ["pytorch sample", "pytorch+compile sample"]],
                 f"sampling: 50 DDIM steps, guidance 7.5, batch {spec.sample_batch} ({args.rounds} rounds, medians)")
     if "diffjax sampler" in res and res["diffjax sampler"]["images_per_s"]:
         s = res["diffjax sampler"]["images_per_s"]
-        for peer in ("diffusers-flax sample", "diffusers-flax+cpu-settings sample", "pytorch sample",
+        for peer in ("diffusers-flax sample", "diffusers-flax+xla-conv sample", "pytorch sample",
                      "pytorch+compile sample"):
             if peer in res:
                 print(f"  diffjax sampler / {peer}: {s / res[peer]['images_per_s']:.2f}x")

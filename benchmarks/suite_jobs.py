@@ -544,34 +544,31 @@ def matmul_peak(spec: Spec) -> Job:
                                                             "dtype": spec.dtype})
 
 
-def cpu_settings(build: Callable[..., Job]) -> Callable[..., Job]:
-    """The job with diffjax's process settings for XLA:CPU (``diffjax.xla_cpu``: XLA's own convolution kernels,
-    malloc keeping freed memory), as diffjax's command line runs: made in the job's process before JAX's backend
-    starts. diffusers-Flax gets them too, as a second peer (they are open to any JAX program), beside
-    diffusers-Flax as it ships. PyTorch's processes are left as they are: its allocator reuses its memory already
-    (5,700 page faults a train step; the malloc settings took them to 0 at the same speed)."""
+def xla_convolutions(build: Callable[..., Job]) -> Callable[..., Job]:
+    """The job with XLA:CPU's own convolution kernels (``diffjax.xla_cpu``), as diffjax's command line runs: set
+    in the job's process before JAX's backend starts. diffusers-Flax gets it too, as a second peer (the flag is
+    XLA's, open to any JAX program), beside diffusers-Flax as it ships."""
 
     def job(spec: Spec) -> Job:
         from diffjax import xla_cpu
 
         xla_cpu.use_xla_convolutions()
-        xla_cpu.reuse_freed_memory()
         return build(spec)
 
     return job
 
 
 JOBS: dict[str, Callable[..., Job]] = {
-    "diffjax train": cpu_settings(diffjax_train),
-    "diffjax train (fashion_mnist config)": cpu_settings(diffjax_train_fashion_mnist),
+    "diffjax train": xla_convolutions(diffjax_train),
+    "diffjax train (fashion_mnist config)": xla_convolutions(diffjax_train_fashion_mnist),
     "diffusers-flax train": flax_train,
-    "diffusers-flax+cpu-settings train": cpu_settings(flax_train),
+    "diffusers-flax+xla-conv train": xla_convolutions(flax_train),
     "pytorch train": torch_train,
     "pytorch+compile train": lambda spec: torch_train(spec, compile=True),
-    "diffjax Text2Image": cpu_settings(diffjax_sample),
-    "diffjax sampler": cpu_settings(diffjax_bare_sample),
+    "diffjax Text2Image": xla_convolutions(diffjax_sample),
+    "diffjax sampler": xla_convolutions(diffjax_bare_sample),
     "diffusers-flax sample": flax_sample,
-    "diffusers-flax+cpu-settings sample": cpu_settings(flax_sample),
+    "diffusers-flax+xla-conv sample": xla_convolutions(flax_sample),
     "pytorch sample": torch_sample,
     "pytorch+compile sample": lambda spec: torch_sample(spec, compile=True),
     "matmul peak": matmul_peak,

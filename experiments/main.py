@@ -351,7 +351,6 @@ def main(argv):
     from diffjax import sharding, xla_cpu
 
     xla_cpu.use_xla_convolutions()  # before JAX's backend starts; see diffjax/xla_cpu.py
-    xla_cpu.reuse_freed_memory()
     enable_compilation_cache()
 
     if FLAGS.model and FLAGS.mode not in ("sample", "eval"):

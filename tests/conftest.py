@@ -21,7 +21,6 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 from diffjax import xla_cpu  # noqa: E402
 
 xla_cpu.use_xla_convolutions()
-xla_cpu.reuse_freed_memory()
 
 import pytest  # noqa: E402
 

@@ -1,12 +1,9 @@
-"""diffjax.xla_cpu: the XLA flag that gives XLA:CPU's convolutions back to XLA's own kernels, and the malloc settings
-that keep freed memory for the next call, are made before JAX's backend starts (and only then), take effect (in the
-compiled program; in the page faults a call costs), and leave a user's own choice alone."""
+"""diffjax.xla_cpu: the XLA flag that gives XLA:CPU's convolutions back to XLA's own kernels is set before JAX's
+backend starts (and only then), takes effect in the compiled program, and leaves a user's own choice alone."""
 
 import os
 import subprocess
 import sys
-
-import pytest
 
 from diffjax import xla_cpu
 
@@ -14,8 +11,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
 import sys
-
-import pytest
 import jax, jax.numpy as jnp
 from diffjax import xla_cpu
 if sys.argv[1] == "late":
@@ -58,62 +53,3 @@ def test_unknown_jaxlib_gets_no_flag(monkeypatch):
     monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: (0, 11))
     assert xla_cpu.use_xla_convolutions() is False
     assert "XLA_FLAGS" not in os.environ
-
-
-MALLOC_SCRIPT = r"""
-import ctypes, resource, sys, threading
-from diffjax import xla_cpu
-if sys.argv[1] == "late":
-    import jax.numpy as jnp
-    jnp.zeros(3).block_until_ready()  # the backend and its threads have started
-print("applied", xla_cpu.reuse_freed_memory())
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-libc.free.argtypes = (ctypes.c_void_p,)
-size, faults = 64 << 20, []
-
-def calls():  # as a compiled program's call on a worker thread: a 64 MiB temporary, written, freed
-    for _ in range(6):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = libc.malloc(size)
-        ctypes.memset(block, 1, size)
-        libc.free(block)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-
-worker = threading.Thread(target=calls)
-worker.start()
-worker.join()
-print("faults", sorted(faults[1:])[2])  # the median call after the first
-"""
-
-
-def _faults(mode, **env):
-    base = {k: v for k, v in os.environ.items()
-            if k not in (xla_cpu.MALLOC_ENV, "LD_PRELOAD", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
-    proc = subprocess.run([sys.executable, "-c", MALLOC_SCRIPT, mode], env={**base, "PYTHONPATH": ROOT, **env},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout.split()
-    return out[1], int(out[3])
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_memory_is_reused_instead_of_faulted_in_again():
-    """A worker thread's 64 MiB temporary costs 16,384 fresh pages a call with glibc's defaults (mmap'd and
-    unmapped each time), none once freed memory is kept; too late (the backend's threads started) or opted
-    out, nothing changes."""
-    applied, kept = _faults("early")
-    off_applied, fresh = _faults("early", **{xla_cpu.MALLOC_ENV: "off"})
-    late_applied, late = _faults("late")
-    assert (applied, off_applied, late_applied) == ("True", "False", "False")
-    assert fresh > 16000 and late > 16000, (kept, fresh, late)
-    assert kept < fresh / 20, (kept, fresh, late)
-
-
-def test_a_users_own_allocator_stands(monkeypatch):
-    monkeypatch.delenv(xla_cpu.MALLOC_ENV, raising=False)
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert xla_cpu.reuse_freed_memory() is False
-    monkeypatch.delenv("MALLOC_ARENA_MAX")
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert xla_cpu.reuse_freed_memory() is False
