@@ -10,8 +10,9 @@ Sections (``--sections``, comma-separated):
            text-to-image train steps (eager and ``torch.compile``), the matched architecture of
            ``suite_jobs.SPECS[--spec]`` (parameter counts printed), plus the FLOP rate of each step (its framework's
            own FLOP count / step time) as a fraction of the dense matmul peak measured in the same rounds, and how
-           many cores each kept busy (process CPU time / wall time); the FLOP rate of the demo's own train step
-           (the fashion_mnist config, batch 64) too;
+           many cores each kept busy (process CPU time / wall time), with the page faults a call costs and the
+           kernel's share of the CPU time (zeroing the fresh pages of buffers allocated anew by every call); the
+           FLOP rate of the demo's own train step (the fashion_mnist config, batch 64) too;
   sample   50-step DDIM + classifier-free guidance images/s: ``Text2Image.generate`` (tokenization and text encoding
            included) and the bare sampler, against a FlaxStableDiffusionPipeline-style jitted loop and diffusers'
            PyTorch pipeline loop (eager and compiled);
@@ -40,6 +41,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,7 +72,8 @@ def _say(obj) -> None:
 
 
 def worker(job_name: str, spec_json: str) -> None:
-    """Build the job, report it, then answer each ``N`` on stdin with the wall and CPU seconds of N calls."""
+    """Build the job, report it, then answer each ``N`` on stdin with the wall and CPU seconds of N calls, the
+    system (kernel) share of that CPU time and the page faults the calls cost."""
     from suite_jobs import JOBS, Spec
 
     spec = Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(spec_json).items()})
@@ -83,10 +86,12 @@ def worker(job_name: str, spec_json: str) -> None:
     _say({"ready": True, "images": job.images, **job.info})
     for line in sys.stdin:
         n = int(line)
-        c0, t0 = time.process_time(), time.perf_counter()
+        r0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.perf_counter()
         for _ in range(n):
             job.run()
-        _say({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0, "n": n})
+        wall, cpu, r1 = time.perf_counter() - t0, time.process_time() - c0, resource.getrusage(resource.RUSAGE_SELF)
+        _say({"wall": wall, "cpu": cpu, "sys": r1.ru_stime - r0.ru_stime, "faults": r1.ru_minflt - r0.ru_minflt,
+              "n": n})
 
 
 class Worker:
@@ -130,25 +135,30 @@ def timed_rounds(names, spec, rounds: int, round_seconds: float) -> dict:
     for w in workers:  # calls per round from one calibration call
         probe = w.time(1)
         calls[w.name] = max(1, math.ceil(round_seconds / max(probe["wall"], 1e-6)))
-    results = {w.name: {"info": w.info, "wall": [], "cpu": []} for w in workers}
+    results = {w.name: {"info": w.info, "wall": [], "cpu": [], "sys": [], "faults": []} for w in workers}
     for r in range(rounds):
         order = workers[r % len(workers):] + workers[: r % len(workers)] if workers else []
         for w in order:
             out = w.time(calls[w.name])
             results[w.name]["wall"].append(out["wall"] / out["n"])
-            results[w.name]["cpu"].append(out["cpu"] / out["n"])
+            for key in ("cpu", "sys", "faults"):
+                results[w.name][key].append(out[key] / out["n"])
     for w in workers:
         w.close()
     for name, res in results.items():
         res["seconds"] = statistics.median(res["wall"])
         res["cores"] = statistics.median(c / w for c, w in zip(res["cpu"], res["wall"]))
+        # Time in the kernel, mostly zeroing fresh pages: page faults on buffers allocated anew by each call.
+        res["sys_share"] = statistics.median(k / max(c, 1e-9) for k, c in zip(res["sys"], res["cpu"]))
+        res["faults_per_call"] = statistics.median(res["faults"])
         res["images_per_s"] = res["info"]["images"] / res["seconds"] if res["info"]["images"] else None
     return results
 
 
 def report_rate(results: dict, base: str, peers: list[str], title: str) -> None:
     print(f"\n{title}")
-    print(f"  {'job':31s} {'images/s':>9s} {'x ' + base:>18s} {'params':>11s} {'cores':>6s} {'first call':>11s}")
+    print(f"  {'job':31s} {'images/s':>9s} {'x ' + base:>18s} {'params':>11s} {'cores':>6s} {'first call':>11s} "
+          f"{'faults/call':>12s} {'sys':>5s}")
     b = results.get(base, {}).get("images_per_s")
     for name, res in results.items():
         if res["images_per_s"] is None or not res["info"].get("compared", True):
@@ -157,7 +167,7 @@ def report_rate(results: dict, base: str, peers: list[str], title: str) -> None:
         ratio = f"{res['images_per_s'] / b:.2f}" if b else "-"
         params = f"{info['params']:,}" if info.get("params") else ""
         print(f"  {name:31s} {res['images_per_s']:9.2f} {ratio:>18s} {params:>11s} {res['cores']:6.2f} "
-              f"{info.get('first_s', 0):10.1f}s")
+              f"{info.get('first_s', 0):10.1f}s {res['faults_per_call']:12,.0f} {100 * res['sys_share']:4.0f}%")
     if b:
         for peer_group in peers:
             present = [results[p]["images_per_s"] for p in peer_group if p in results]

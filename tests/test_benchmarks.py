@@ -67,6 +67,7 @@ def test_driver_times_diffjax_and_pytorch_train_steps(tmp_path, subprocess_env):
     for res in (dj, pt):
         assert len(res["wall"]) == 2 and res["images_per_s"] > 0
         assert res["info"]["flops"] > 0 and 0 < res["flop_fraction"]
+        assert res["faults_per_call"] >= 0 and 0 <= res["sys_share"] <= 1  # kernel time is part of the CPU time
     # XLA's and PyTorch's counters count the same step's FLOPs to within a factor (XLA counts elementwise work too)
     assert 0.5 < dj["info"]["flops"] / pt["info"]["flops"] < 3.0
     assert "diffjax train / best of pytorch train" in proc.stdout
