@@ -105,3 +105,28 @@ def test_profile_step_sums_kernel_time_by_kernel_and_kind(tmp_path):
     first = text[text.index("by kernel:") + 1]
     assert first.split()[:3] == ["0.005", "s", "50.0%"] and "ynn_fusion.3  = f32[64,28,28,48]" in first
     assert "metadata" not in first
+
+
+def test_worker_counts_the_page_faults_and_kernel_time_of_its_calls(monkeypatch, capsys):
+    """A job that writes a fresh 64 MiB block each call (glibc maps it anew: 16,384 pages) costs at least that
+    many faults per call, and the kernel's time for them is part of the CPU time reported."""
+    import io
+
+    import run
+
+    pages = 64 << 20 >> 12
+
+    def fresh_block(spec):
+        def call():
+            block = bytearray(pages << 12)
+            block[::4096] = b"\1" * pages  # one write per page: each faults in
+        return suite_jobs.Job(call, 1, {})
+
+    monkeypatch.setitem(suite_jobs.JOBS, "fresh block", fresh_block)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("3\n"))
+    run.worker("fresh block", "{}")
+    lines = [json.loads(ln[len(run.TAG):]) for ln in capsys.readouterr().out.splitlines() if ln.startswith(run.TAG)]
+    ready, timed = lines
+    assert ready["ready"] and timed["n"] == 3
+    assert timed["faults"] >= 3 * pages
+    assert 0 < timed["sys"] <= timed["cpu"]
