@@ -27,19 +27,28 @@ $(FMNIST_IDX):
 	apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist) \
 		|| sudo apt-get install -y -q dataset-fashion-mnist
 
+# tcmalloc (Debian's libtcmalloc-minimal4), optional: XLA:CPU's train steps run ~1.28x faster with it, because each
+# call reuses the last one's freed memory instead of faulting in fresh pages (diffjax/xla_cpu.py). experiments.main
+# starts itself again under it when it is installed; the tests run under it too. Without it all runs as before.
+TCMALLOC_LIB := /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4
+$(TCMALLOC_LIB):
+	-apt-get install -y -q libtcmalloc-minimal4 || (apt-get update -q && apt-get install -y -q libtcmalloc-minimal4) \
+		|| sudo apt-get install -y -q libtcmalloc-minimal4
+
 # The feature network of the metrics (trained once, 2-4 min), then the text-to-image model (8-16 min),
 # then its evaluation: a grid for every class and the metrics (WORKDIR/eval/step_*/).
-$(CLASSIFIER)/metrics.json: | venv $(FMNIST_IDX)
+$(CLASSIFIER)/metrics.json: | venv $(FMNIST_IDX) $(TCMALLOC_LIB)
 	$(MAIN) --mode=train_classifier --config=experiments/configs/fashion_mnist_classifier.py --workdir=$(CLASSIFIER)
 
-demo: venv $(FMNIST_IDX) $(CLASSIFIER)/metrics.json
+demo: venv $(FMNIST_IDX) $(TCMALLOC_LIB) $(CLASSIFIER)/metrics.json
 	$(MAIN) --config=experiments/configs/fashion_mnist.py --workdir=$(WORKDIR)
 	$(MAIN) --mode=eval --config=experiments/configs/fashion_mnist.py --workdir=$(WORKDIR) \
 		--config.evaluation.classifier_workdir=$(CLASSIFIER)
 
 # The notebooks (tests/test_notebooks.py) train on the real Fashion-MNIST files.
-test: venv $(FMNIST_IDX)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: venv $(FMNIST_IDX) $(TCMALLOC_LIB)
+	LD_PRELOAD="$$($(BIN)/python -c 'from diffjax import xla_cpu; print(xla_cpu.tcmalloc_path() or "")') $$LD_PRELOAD" \
+		$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

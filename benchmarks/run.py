@@ -31,6 +31,8 @@ threads, allocator, compilation), built and warmed up one after another; then th
 one after another, the order rotating each round, so that machine load drifting during the run hits all alike.
 Each round of a job runs as many calls as fill ``--round-seconds``; the medians over rounds are reported, with
 ratios to diffjax. Numbers depend on the machine: compare ratios measured in one run.
+Every process, whatever its framework, runs with the same memory allocator (``--malloc``): tcmalloc when it is
+installed, as diffjax's command line runs (``diffjax.xla_cpu.exec_with_tcmalloc``), or glibc's (``system``).
 """
 
 from __future__ import annotations
@@ -408,6 +410,9 @@ def main(argv=None) -> None:
     p.add_argument("--round-seconds", type=float, default=2.0, help="calls per round fill at least this long")
     p.add_argument("--jobs", default="", help="only these jobs (comma-separated names) in train/sample")
     p.add_argument("--out", default="", help="also write every figure to this JSON file")
+    p.add_argument("--malloc", default="tcmalloc", choices=["tcmalloc", "system"],
+                   help="every job's memory allocator, whatever its framework: tcmalloc when installed (as "
+                        "experiments.main runs; diffjax/xla_cpu.py) or glibc's")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--probe-arg", default="", help=argparse.SUPPRESS)
@@ -420,6 +425,14 @@ def main(argv=None) -> None:
     if args.probe:
         spec = Spec(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.spec_json).items()})
         return probe(args.probe, args.probe_arg, spec)
+    from diffjax import xla_cpu
+
+    if args.malloc == "tcmalloc":
+        xla_cpu.exec_with_tcmalloc()  # this process again under tcmalloc, which every job's process inherits
+    else:
+        os.environ[xla_cpu.MALLOC_ENV] = "system"
+        os.environ["LD_PRELOAD"] = " ".join(lib for lib in os.environ.get("LD_PRELOAD", "").split()
+                                            if "tcmalloc" not in lib)
     over = {"dtype": args.dtype}
     if args.batch:
         over["batch"] = args.batch
@@ -437,7 +450,9 @@ def main(argv=None) -> None:
         SAMPLE_JOBS = tuple(j for j in SAMPLE_JOBS if j in keep)
     print(f"{time.strftime('%Y-%m-%d %H:%M')}; {machine()}")
     print(f"spec {args.spec}: {spec}")
-    record = {"machine": machine(), "spec": dataclasses.asdict(spec), "date": time.strftime("%Y-%m-%d")}
+    print(f"memory allocator of every job: {xla_cpu.malloc_in_use()}")
+    record = {"machine": machine(), "spec": dataclasses.asdict(spec), "date": time.strftime("%Y-%m-%d"),
+              "malloc": xla_cpu.malloc_in_use()}
     funcs = {"train": section_train, "sample": section_sample, "compile": section_compile, "memory": section_memory,
              "input": section_input}
     for s in sections:

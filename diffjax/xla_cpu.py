@@ -13,10 +13,22 @@ With XLA's kernels the weight gradients of convolutions are no longer slow eithe
 XLA reads ``$XLA_FLAGS`` once, when JAX's first backend starts (the first array or compilation), not at
 ``import jax``: :func:`use_xla_convolutions` must run before that, as ``experiments/main.py`` does first thing.
 Its effect is process-wide (every CPU program compiled afterwards) and inherited by subprocesses.
+
+The memory allocator. XLA:CPU allocates each call's temporaries with ``malloc`` and frees them at the call's end;
+glibc returns blocks that large to the kernel, so every call faults its temporaries in again as fresh zeroed
+pages: 205,000 page faults and 16% of the CPU time of each matched train step spent in the kernel (PyTorch:
+1,800-5,300 faults, 0-1%). glibc's own settings that keep the memory (one arena, a high mmap threshold) remove
+the faults but serialise the threads' allocations (the fashion_mnist step 0.825x as fast). tcmalloc keeps freed
+pages in per-thread and central caches: the matched train step and the fashion_mnist (demo) step ran 1.28x
+faster with it preloaded, PyTorch's 1.02x (``benchmarks/ab.py --old-env LD_PRELOAD=...``; benchmarks/RESULTS.md).
+A process cannot change its allocator once started, so :func:`exec_with_tcmalloc` starts the program again with
+``LD_PRELOAD`` naming tcmalloc (Debian's ``libtcmalloc-minimal4``) when the library is installed, as the command
+line does first thing.
 """
 
 import os
 import re
+import sys
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 ENV = "DIFFJAX_XLA_CPU_CONVOLUTIONS"  # "off" keeps XLA's default (YNNPACK convolutions)
@@ -67,3 +79,52 @@ def use_xla_convolutions() -> bool:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
     return True
+
+
+MALLOC_ENV = "DIFFJAX_MALLOC"  # "system" keeps glibc's malloc; a path names the tcmalloc library to preload
+TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def tcmalloc_path() -> str | None:
+    """The tcmalloc library to preload: ``$DIFFJAX_MALLOC`` when it names a file, else the first of
+    :data:`TCMALLOC_NAMES` in :data:`LIBRARY_DIRS`; None when there is none or ``$DIFFJAX_MALLOC`` is ``system``."""
+    choice = os.environ.get(MALLOC_ENV, "")
+    if choice.lower() in ("system", "off", "0", "false", "no"):
+        return None
+    if choice:
+        if not os.path.isfile(choice):
+            raise FileNotFoundError(f"${MALLOC_ENV}={choice!r} is neither 'system' nor an existing library file")
+        return choice
+    for d in LIBRARY_DIRS:
+        for name in TCMALLOC_NAMES:
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
+
+
+def malloc_in_use() -> str:
+    """'tcmalloc' when this process was started with tcmalloc preloaded, else 'system'."""
+    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+
+
+def exec_with_tcmalloc(argv: list[str] | None = None) -> None:
+    """Start this program again, in the same process (``os.execve``), with tcmalloc in ``LD_PRELOAD``.
+
+    Returns without doing anything when tcmalloc is preloaded already (so it runs once; subprocesses inherit the
+    variable), when :func:`tcmalloc_path` finds no library (install Debian's ``libtcmalloc-minimal4``, or set
+    ``$DIFFJAX_MALLOC`` to the library's path), when ``$DIFFJAX_MALLOC`` is ``system``, or off Linux. Call it
+    first thing in a command-line entry point, before anything runs whose work would be lost: ``argv`` (default
+    the interpreter's own command line, ``sys.orig_argv``) is run again from the start.
+    """
+    if not sys.platform.startswith("linux") or malloc_in_use() == "tcmalloc":
+        return
+    path = tcmalloc_path()
+    if path is None:
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = " ".join(filter(None, [path, env.get("LD_PRELOAD", "")]))
+    args = list(argv if argv is not None else sys.orig_argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *args[1:]], env)

@@ -351,6 +351,7 @@ def main(argv):
     from diffjax import sharding, xla_cpu
 
     xla_cpu.use_xla_convolutions()  # before JAX's backend starts; see diffjax/xla_cpu.py
+    logging.info("memory allocator: %s", xla_cpu.malloc_in_use())
     enable_compilation_cache()
 
     if FLAGS.model and FLAGS.mode not in ("sample", "eval"):
@@ -378,4 +379,11 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+    from diffjax import xla_cpu
+
+    try:
+        xla_cpu.exec_with_tcmalloc()  # again under tcmalloc when it is installed (see diffjax/xla_cpu.py); once
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     app.run(main, flags_parser=parse_flags)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from diffjax import xla_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,3 +55,59 @@ def test_unknown_jaxlib_gets_no_flag(monkeypatch):
     monkeypatch.setattr(xla_cpu, "_jaxlib_version", lambda: (0, 11))
     assert xla_cpu.use_xla_convolutions() is False
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_tcmalloc_path_follows_the_environment(monkeypatch, tmp_path):
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    monkeypatch.setenv(xla_cpu.MALLOC_ENV, str(lib))
+    assert xla_cpu.tcmalloc_path() == str(lib)
+    monkeypatch.setenv(xla_cpu.MALLOC_ENV, "system")
+    assert xla_cpu.tcmalloc_path() is None
+    monkeypatch.setenv(xla_cpu.MALLOC_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(FileNotFoundError, match="DIFFJAX_MALLOC='.*missing.so' is neither 'system' nor"):
+        xla_cpu.tcmalloc_path()
+    monkeypatch.setenv(xla_cpu.MALLOC_ENV, "")
+    monkeypatch.setattr(xla_cpu, "LIBRARY_DIRS", (str(tmp_path),))
+    assert xla_cpu.tcmalloc_path() == str(lib)
+    monkeypatch.setattr(xla_cpu, "LIBRARY_DIRS", (str(tmp_path / "nowhere"),))
+    assert xla_cpu.tcmalloc_path() is None
+
+
+FAULTS = r"""
+import os, resource, sys
+from diffjax import xla_cpu
+print("start", os.getpid(), xla_cpu.malloc_in_use(), sys.argv[1:], flush=True)
+if sys.argv[1] == "exec":
+    xla_cpu.exec_with_tcmalloc()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x, w: ((x @ w) @ w.T).sum())  # x @ w: a 64 MiB temporary (16,384 pages) in every call
+x, w = jnp.ones((8192, 64)), jnp.ones((64, 2048))
+for _ in range(3):
+    f(x, w).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    f(x, w).block_until_ready()
+print("faults", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 4)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or xla_cpu.tcmalloc_path() is None,
+                    reason="tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
+def test_exec_with_tcmalloc_restarts_once_and_the_calls_stop_faulting_in_their_temporaries():
+    """The process starts again under tcmalloc (same pid, same arguments, once), and an XLA:CPU call's 64 MiB
+    temporary, which glibc hands back to the kernel and faults in again every call, is reused instead."""
+    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", xla_cpu.MALLOC_ENV)}
+    out = {}
+    for mode in ("exec", "stay"):
+        proc = subprocess.run([sys.executable, "-c", FAULTS, mode, "--flag=1"], env={**base, "PYTHONPATH": ROOT},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[mode] = proc.stdout.splitlines()
+    starts = [ln.split(" ", 3) for ln in out["exec"] if ln.startswith("start")]
+    assert [s[2] for s in starts] == ["system", "tcmalloc"] and starts[0][1] == starts[1][1]
+    assert starts[0][3] == starts[1][3] == "['exec', '--flag=1']"
+    assert [s.split()[2] for s in out["stay"] if s.startswith("start")] == ["system"]
+    faults = {m: float(out[m][-1].split()[1]) for m in out}
+    assert faults["stay"] >= 0.9 * 16384, faults  # glibc: the temporary's pages anew each call
+    assert faults["exec"] < 0.01 * 16384, faults  # tcmalloc: reused
