@@ -120,7 +120,7 @@ def exec_with_tcmalloc(argv: list[str] | None = None) -> None:
     if not sys.platform.startswith("linux") or malloc_in_use() == "tcmalloc":
         return
     path = tcmalloc_path()
-    if path is None:
+    if path is None or path in os.environ.get("LD_PRELOAD", "").split():  # (a build whose name lacks "tcmalloc")
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [path, env.get("LD_PRELOAD", "")]))

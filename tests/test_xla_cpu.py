@@ -74,6 +74,20 @@ def test_tcmalloc_path_follows_the_environment(monkeypatch, tmp_path):
     assert xla_cpu.tcmalloc_path() is None
 
 
+def test_exec_with_tcmalloc_runs_once_whatever_the_librarys_name(monkeypatch, tmp_path):
+    """Once the library is in LD_PRELOAD (the restarted process), nothing is started again, even for a build
+    whose file name does not say tcmalloc; without a library, nothing either."""
+    lib = tmp_path / "libmymalloc.so"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(xla_cpu.os, "execve", lambda *a: pytest.fail(f"started again: {a[1]}"))
+    monkeypatch.setenv(xla_cpu.MALLOC_ENV, str(lib))
+    monkeypatch.setenv("LD_PRELOAD", f"/other/lib.so {lib}")
+    assert xla_cpu.exec_with_tcmalloc() is None
+    monkeypatch.setenv(xla_cpu.MALLOC_ENV, "system")
+    monkeypatch.delenv("LD_PRELOAD")
+    assert xla_cpu.exec_with_tcmalloc() is None
+
+
 FAULTS = r"""
 import os, resource, sys
 from diffjax import xla_cpu
