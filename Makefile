@@ -35,7 +35,7 @@ $(TCMALLOC_LIB):
 	-apt-get install -y -q libtcmalloc-minimal4 || (apt-get update -q && apt-get install -y -q libtcmalloc-minimal4) \
 		|| sudo apt-get install -y -q libtcmalloc-minimal4
 
-# The feature network of the metrics (trained once, 2-4 min), then the text-to-image model (8-16 min),
+# The feature network of the metrics (trained once, 2-4 min), then the text-to-image model (6-16 min),
 # then its evaluation: a grid for every class and the metrics (WORKDIR/eval/step_*/).
 $(CLASSIFIER)/metrics.json: | venv $(FMNIST_IDX) $(TCMALLOC_LIB)
 	$(MAIN) --mode=train_classifier --config=experiments/configs/fashion_mnist_classifier.py --workdir=$(CLASSIFIER)
