@@ -1,4 +1,4 @@
-"""XLA:CPU's choice of convolution kernels, set before JAX's backend starts.
+"""XLA:CPU's choices made before it starts: its convolution kernels, and the process's memory allocator.
 
 jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default, and YNNPACK runs each convolution on one thread:
 a 3×3, 64 -> 64 channel convolution at 32×32, batch 32, kept 1.0 of 2 cores busy (96 GFLOP/s) where XLA's own
@@ -104,8 +104,11 @@ def tcmalloc_path() -> str | None:
 
 
 def malloc_in_use() -> str:
-    """'tcmalloc' when this process was started with tcmalloc preloaded, else 'system'."""
-    return "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "system"
+    """'tcmalloc' when this process was started with tcmalloc (or ``$DIFFJAX_MALLOC``'s library) preloaded, else
+    'system'."""
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    chosen = os.environ.get(MALLOC_ENV, "")
+    return "tcmalloc" if "tcmalloc" in preloaded or (chosen and chosen in preloaded.split()) else "system"
 
 
 def exec_with_tcmalloc(argv: list[str] | None = None) -> None:
@@ -120,7 +123,7 @@ def exec_with_tcmalloc(argv: list[str] | None = None) -> None:
     if not sys.platform.startswith("linux") or malloc_in_use() == "tcmalloc":
         return
     path = tcmalloc_path()
-    if path is None or path in os.environ.get("LD_PRELOAD", "").split():  # (a build whose name lacks "tcmalloc")
+    if path is None:
         return
     env = dict(os.environ)
     env["LD_PRELOAD"] = " ".join(filter(None, [path, env.get("LD_PRELOAD", "")]))
