@@ -429,10 +429,11 @@ def main(argv=None) -> None:
 
     if args.malloc == "tcmalloc":
         xla_cpu.exec_with_tcmalloc()  # this process again under tcmalloc, which every job's process inherits
-    else:
-        os.environ[xla_cpu.MALLOC_ENV] = "system"
+    else:  # drop what exec_with_tcmalloc (or the user) preloaded: any tcmalloc, and $DIFFJAX_MALLOC's build
+        chosen = os.environ.get(xla_cpu.MALLOC_ENV, "")
         os.environ["LD_PRELOAD"] = " ".join(lib for lib in os.environ.get("LD_PRELOAD", "").split()
-                                            if "tcmalloc" not in lib)
+                                            if "tcmalloc" not in lib and lib != chosen)
+        os.environ[xla_cpu.MALLOC_ENV] = "system"
     over = {"dtype": args.dtype}
     if args.batch:
         over["batch"] = args.batch

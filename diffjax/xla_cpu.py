@@ -32,6 +32,7 @@ import sys
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 ENV = "DIFFJAX_XLA_CPU_CONVOLUTIONS"  # "off" keeps XLA's default (YNNPACK convolutions)
+OFF = ("off", "0", "false", "no")  # the values of $DIFFJAX_XLA_CPU_CONVOLUTIONS / $DIFFJAX_MALLOC that turn it off
 
 
 def _jaxlib_version() -> tuple:
@@ -73,7 +74,7 @@ def use_xla_convolutions() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:  # set already, by this or by the user: theirs stands
         return convolutions_from_xla()
-    if os.environ.get(ENV, "").lower() in ("off", "0", "false", "no") or _jaxlib_version() != (0, 10):
+    if os.environ.get(ENV, "").lower() in OFF or _jaxlib_version() != (0, 10):
         return False
     if _backend_started():
         return False
@@ -90,7 +91,7 @@ def tcmalloc_path() -> str | None:
     """The tcmalloc library to preload: ``$DIFFJAX_MALLOC`` when it names a file, else the first of
     :data:`TCMALLOC_NAMES` in :data:`LIBRARY_DIRS`; None when there is none or ``$DIFFJAX_MALLOC`` is ``system``."""
     choice = os.environ.get(MALLOC_ENV, "")
-    if choice.lower() in ("system", "off", "0", "false", "no"):
+    if choice.lower() in ("system", *OFF):
         return None
     if choice:
         if not os.path.isfile(choice):

@@ -131,3 +131,21 @@ def test_worker_counts_the_page_faults_and_kernel_time_of_its_calls(monkeypatch,
     assert ready["ready"] and timed["n"] == 3
     assert timed["faults"] >= 3 * pages
     assert 0 < timed["sys"] <= timed["cpu"]
+
+
+def test_suite_with_system_malloc_preloads_no_tcmalloc_in_its_jobs(monkeypatch, tmp_path, capsys):
+    """``--malloc system``: the jobs' processes inherit an LD_PRELOAD without any tcmalloc or $DIFFJAX_MALLOC's
+    build (other preloads kept), and the run records glibc's allocator."""
+    import run
+
+    from diffjax import xla_cpu
+
+    mine = tmp_path / "libmymalloc.so"
+    mine.write_bytes(b"")
+    monkeypatch.setenv("LD_PRELOAD", f"/opt/libother.so /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 {mine}")
+    monkeypatch.setenv(xla_cpu.MALLOC_ENV, str(mine))
+    out = tmp_path / "suite.json"
+    run.main(["--malloc", "system", "--sections", "", "--out", str(out)])
+    assert os.environ["LD_PRELOAD"] == "/opt/libother.so" and os.environ[xla_cpu.MALLOC_ENV] == "system"
+    assert json.loads(out.read_text())["malloc"] == "system"
+    assert "memory allocator of every job: system" in capsys.readouterr().out
