@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffjax import losses, model_folder, posthoc_ema, sharding
+from diffjax import losses, model_folder, posthoc_ema, sharding, xla_cpu
 from diffjax.checkpoints import abstract_with_shardings
 from diffjax.models.alignment import alignment_loss
 from diffjax.models.autoencoder import DiagonalGaussian, encode_latents, scale_latents
@@ -367,7 +367,8 @@ class Trainer:
         rep = sharding.replicated(self.mesh)
         self._init = jax.jit(self._init_fn, out_shardings=self.state_shardings)
         self.step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
-                            out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+                            out_shardings=(self.state_shardings, rep), donate_argnums=(0,),
+                            compiler_options=xla_cpu.compiler_options(self.mesh.devices.flat[0].platform))
         self.eval_step = jax.jit(make_eval_step(config, self.models),
                                  in_shardings=(self.state_shardings, self.batch_sharding, rep), out_shardings=rep)
 

@@ -1,5 +1,7 @@
 """diffjax.xla_cpu: the XLA flag that gives XLA:CPU's convolutions back to XLA's own kernels is set before JAX's
-backend starts (and only then), takes effect in the compiled program, and leaves a user's own choice alone."""
+backend starts (and only then), takes effect in the compiled program, and leaves a user's own choice alone; the
+choice of tcmalloc restarts the program once; the compile options keep remat's recomputation (and its memory
+saving) through XLA:CPU's compilation."""
 
 import os
 import subprocess
@@ -125,3 +127,72 @@ def test_exec_with_tcmalloc_restarts_once_and_the_calls_stop_faulting_in_their_t
     faults = {m: float(out[m][-1].split()[1]) for m in out}
     assert faults["stay"] >= 0.9 * 16384, faults  # glibc: the temporary's pages anew each call
     assert faults["exec"] < 0.01 * 16384, faults  # tcmalloc: reused
+
+
+def _dense_blocks_grad(remat: bool, options):
+    """The gradient of eight matmul + tanh + sin blocks (each 256 x 512 activation is 0.5 MiB), remat per block or
+    not, compiled with ``options``: (compiled program, gradients)."""
+    import jax
+    import jax.numpy as jnp
+
+    def block(x, w):
+        return jnp.sin(jnp.tanh(x @ w))
+
+    def loss(ws, x):
+        for w in ws:
+            x = (jax.checkpoint(block) if remat else block)(x, w)
+        return jnp.sum(x**2)
+
+    ws = [jnp.full((512, 512), 0.01 + 0.001 * i) for i in range(8)]
+    x = jnp.linspace(-1.0, 1.0, 256 * 512).reshape(256, 512)
+    compiled = jax.jit(jax.grad(loss), compiler_options=options).lower(ws, x).compile()
+    return compiled, compiled(ws, x)
+
+
+def test_compiler_options_keep_remat_recomputation_apart_on_xla_cpu():
+    """Without the options XLA:CPU drops remat's barriers and its CSE merges the recomputed matmuls back into the
+    forward pass (the same 23 matmuls and temporaries as without remat); with them the 7 recomputed matmuls stay
+    (31) and the temporaries fall to less than a third, with the same gradients."""
+    import numpy as np
+
+    plain, g_plain = _dense_blocks_grad(False, None)
+    merged, _ = _dense_blocks_grad(True, None)
+    kept, g_kept = _dense_blocks_grad(True, xla_cpu.compiler_options("cpu"))
+    dots = [c.as_text().count(" dot(") for c in (plain, merged, kept)]
+    temp = [c.memory_analysis().temp_size_in_bytes for c in (plain, merged, kept)]
+    assert dots == [23, 23, 31], dots
+    assert temp[1] >= 0.9 * temp[0] and temp[2] < temp[0] / 3, temp
+    for a, b in zip(g_plain, g_kept):
+        np.testing.assert_allclose(b, a, rtol=1e-6)
+    options, _ = _dense_blocks_grad(False, xla_cpu.compiler_options("cpu"))  # no barriers: nothing changes
+    assert options.as_text().count(" dot(") == 23 and options.memory_analysis().temp_size_in_bytes == temp[0]
+
+
+def test_compiler_options_add_to_the_passes_xla_flags_disable(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_disable_hlo_passes=algsimp,dce")
+    assert xla_cpu.compiler_options("cpu") == {"xla_disable_hlo_passes": f"algsimp,dce,{xla_cpu.BARRIER_PASS}"}
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_disable_hlo_passes={xla_cpu.BARRIER_PASS}")
+    assert xla_cpu.compiler_options("cpu") == {"xla_disable_hlo_passes": xla_cpu.BARRIER_PASS}
+    assert xla_cpu.compiler_options("gpu") is None and xla_cpu.compiler_options("tpu") is None
+
+
+def test_trainer_compiles_its_step_with_remat_barriers_kept(fake_config):
+    """The step of a remat U-Net keeps its barriers through XLA:CPU's compilation (the options above are the
+    Trainer's)."""
+    import jax
+    import numpy as np
+
+    from diffjax.train import Trainer
+
+    config = fake_config.copy_and_resolve_references()
+    config.model.unet.remat = True
+    config.model.unet.channel_mult = (1,)  # one level, a frozen text encoder: a short compile
+    config.model.unet.attention_levels = (0,)
+    config.text.trainable = False
+    tr = Trainer(config, image_shape=(8, 8, 1))
+    b = config.training.batch_size
+    ids, mask = tr.models.text_encoder.tokenize(["a photo of a coat"] * b)
+    batch = {"image": np.zeros((b, 8, 8, 1), np.float32), "token_ids": ids, "mask": mask,
+             "label": np.zeros((b,), np.int32)}
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+    assert "opt-barrier" in tr.step.lower(tr.abstract_state, abstract).compile().as_text()

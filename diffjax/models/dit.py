@@ -71,7 +71,8 @@ class DiTConfig(PresetConfig):
       freq_dim: width of the sinusoidal timestep features fed to the timestep MLP.
       norm_eps: LayerNorm epsilon.
       dtype: computation dtype (``"float32"`` or ``"bfloat16"``); parameters are ``param_dtype``.
-      remat: wrap each block in ``nn.remat`` (gradient checkpointing per block).
+      remat: wrap each block in ``nn.remat`` (gradient checkpointing per block); on XLA:CPU see
+        ``UNetConfig.remat``.
       remat_policy: optional name of a ``jax.checkpoint_policies`` policy used with ``remat``.
       attention_impl: as ``UNetConfig.attention_impl`` (``None``: einsum on the CPU, ``jax.nn.dot_product_
         attention``'s choice elsewhere).

@@ -139,7 +139,9 @@ class UNetConfig(PresetConfig):
       pooled_dim: width of an optional pooled text embedding added to the time embedding.
       num_classes: number of class labels for an optional label embedding added to the time embedding.
       dtype: computation dtype (``"float32"`` or ``"bfloat16"``); parameters are ``param_dtype``.
-      remat: wrap each residual block and each spatial transformer in ``nn.remat`` (gradient checkpointing).
+      remat: wrap each residual block and each spatial transformer in ``nn.remat`` (gradient checkpointing). On
+        XLA:CPU jit the gradient with ``compiler_options=xla_cpu.compiler_options("cpu")`` (``Trainer`` does), or
+        XLA merges the recomputation back and saves nothing.
       remat_policy: optional name of a ``jax.checkpoint_policies`` policy used with ``remat``.
       attention_impl: how the attention product is computed. ``"dpa"``: ``jax.nn.dot_product_attention``
         with JAX's choice of implementation; ``"xla"`` / ``"cudnn"``: ``jax.nn.dot_product_attention``
