@@ -157,3 +157,28 @@ def test_load_config_applies_typed_overrides_and_rejects_unknown_keys():
     for bad in ("training.bach_size=3", "nosection.key=1", "training.batch_size"):
         with pytest.raises(ValueError, match="expected KEY=VALUE with a key of the config"):
             load_config("experiments/configs/fashion_mnist.py", [bad])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipped / left alone
+def test_clip_with_the_norm_given_equals_optax_clip(max_norm):
+    """train.clip_by_global_norm clips as optax's does, with the norm computed or passed in (the train step passes
+    the one it computed for its guard), and has the same state, so optimizer states and checkpoints match."""
+    import optax
+
+    from diffjax.train import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float32)}
+    grads = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
+    theirs = optax.chain(optax.clip_by_global_norm(max_norm), optax.adamw(1e-2, weight_decay=0.1))
+    ours = optax.chain(clip_by_global_norm(max_norm), optax.adamw(1e-2, weight_decay=0.1))
+    state = theirs.init(params)
+    assert jax.tree_util.tree_structure(ours.init(params)) == jax.tree_util.tree_structure(state)
+    want, want_state = theirs.update(grads, state, params)
+    norm = optax.tree.norm(grads)
+    for kwargs in ({}, {"global_norm": norm}):
+        got, got_state = ours.update(grads, state, params, **kwargs)
+        for a, b in zip(jax.tree_util.tree_leaves((got, got_state)), jax.tree_util.tree_leaves((want, want_state))):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    clipped, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState(), global_norm=norm)
+    assert np.isclose(float(optax.tree.norm(clipped)), min(float(norm), max_norm), rtol=1e-5)
