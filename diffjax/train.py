@@ -89,9 +89,11 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
     """Global-norm clipping (Pascanu et al. 2013): g <- g * max_norm / ||g|| where ||g|| >= max_norm, as
     ``optax.clip_by_global_norm`` computes it and with its (empty) state, so that optimizer states and checkpoints
-    are the same; ``update(..., global_norm=n)`` clips with a norm already computed. The train step passes the
-    norm it computed for its guard: otherwise XLA sums every gradient's squares a second time inside the update's
-    branch (one reduction kernel per parameter array, 238 in the tiny config, and a pass over the gradients)."""
+    are the same; ``update(..., global_norm=n)`` clips with a norm already computed, which must be the norm of the
+    updates it receives: put it first in the chain, on the raw gradients, as :func:`make_optimizer` does (not after
+    a scaling, inside ``optax.masked`` or under ``optax.MultiSteps``). The train step passes the norm it computed
+    for its guard to an optimizer that takes extra arguments: otherwise XLA sums every gradient's squares a second
+    time inside the update's branch (one reduction kernel per parameter array, and a pass over the gradients)."""
 
     def update_fn(updates, state, params=None, *, global_norm=None, **extra_args):
         del params, extra_args

@@ -167,7 +167,9 @@ def test_remat_gives_the_same_loss_and_gradients():
         def loss(p):
             return jnp.mean((UNet(c).apply(p, x, t, text, mask) - 0.5) ** 2)
 
-        return jax.jit(jax.value_and_grad(loss))(params)
+        # Compiled as the Trainer compiles its step: on the CPU, remat's barriers kept (xla_cpu.compiler_options).
+        options = xla_cpu.compiler_options(jax.default_backend())
+        return jax.jit(jax.value_and_grad(loss), compiler_options=options)(params)
 
     loss, grads = loss_and_grads(cfg)
     loss_r, grads_r = loss_and_grads(cfg.replace(remat=True))

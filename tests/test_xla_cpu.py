@@ -152,7 +152,8 @@ def _dense_blocks_grad(remat: bool, options):
 def test_compiler_options_keep_remat_recomputation_apart_on_xla_cpu():
     """Without the options XLA:CPU drops remat's barriers and its CSE merges the recomputed matmuls back into the
     forward pass (the same 23 matmuls and temporaries as without remat); with them the 7 recomputed matmuls stay
-    (31) and the temporaries fall to less than a third, with the same gradients."""
+    (31) and the temporaries fall to less than a third, with the same gradients. (The counts are jaxlib 0.10's,
+    the version setup.cfg pins.)"""
     import numpy as np
 
     plain, g_plain = _dense_blocks_grad(False, None)
@@ -163,13 +164,15 @@ def test_compiler_options_keep_remat_recomputation_apart_on_xla_cpu():
     assert dots == [23, 23, 31], dots
     assert temp[1] >= 0.9 * temp[0] and temp[2] < temp[0] / 3, temp
     for a, b in zip(g_plain, g_kept):
-        np.testing.assert_allclose(b, a, rtol=1e-6)
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
     options, _ = _dense_blocks_grad(False, xla_cpu.compiler_options("cpu"))  # no barriers: nothing changes
     assert options.as_text().count(" dot(") == 23 and options.memory_analysis().temp_size_in_bytes == temp[0]
 
 
 def test_compiler_options_add_to_the_passes_xla_flags_disable(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_disable_hlo_passes=algsimp,dce")
+    assert xla_cpu.compiler_options("cpu") == {"xla_disable_hlo_passes": f"algsimp,dce,{xla_cpu.BARRIER_PASS}"}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_disable_hlo_passes=algsimp --xla_disable_hlo_passes='dce'")
     assert xla_cpu.compiler_options("cpu") == {"xla_disable_hlo_passes": f"algsimp,dce,{xla_cpu.BARRIER_PASS}"}
     monkeypatch.setenv("XLA_FLAGS", f"--xla_disable_hlo_passes={xla_cpu.BARRIER_PASS}")
     assert xla_cpu.compiler_options("cpu") == {"xla_disable_hlo_passes": xla_cpu.BARRIER_PASS}
