@@ -1,5 +1,5 @@
-"""XLA:CPU's choices: its convolution kernels and the process's memory allocator (made before it starts), and
-the compile options that keep remat's recomputation apart (per program).
+"""XLA:CPU's choices: its convolution kernels and the process's memory allocator (made before it starts), the
+compile options that keep remat's recomputation apart (per program), and the train step's count of kernels.
 
 jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default, and YNNPACK runs each convolution on one thread:
 a 3×3, 64 -> 64 channel convolution at 32×32, batch 32, kept 1.0 of 2 cores busy (96 GFLOP/s) where XLA's own
@@ -34,6 +34,11 @@ step at batch 64 peaked at 3,359 MiB without remat and 3,216 MiB with it. :func:
 pass out of a program's compilation, and XLA:CPU compiles and runs the barriers as they are: 1,182 MiB with
 remat (65% less; ``benchmarks/run.py --sections memory``), for 1.21x the step's time (batch 16). ``train.Trainer``
 compiles its step with them.
+
+Compile time. XLA:CPU compiles every fusion as a kernel of its own and does not fuse independent reductions
+together, so a train step's compile time grows with its count of parameter arrays: the gradient's global norm
+was one reduction kernel per array. :func:`norm_concat_below` has the ``Trainer`` sum the small gradients as one
+concatenated vector (``train.global_norm``) where the parameters are replicated.
 """
 
 import os
@@ -158,3 +163,14 @@ def compiler_options(platform: str) -> dict | None:
     found = re.findall(r"--xla_disable_hlo_passes=(\S+)", os.environ.get("XLA_FLAGS", ""))
     passes = [p for flag in found for p in flag.strip("'\"").split(",") if p]  # XLA adds up repeated flags
     return {"xla_disable_hlo_passes": ",".join(dict.fromkeys([*passes, BARRIER_PASS]))}
+
+
+NORM_CONCAT_BELOW = 2**16
+
+
+def norm_concat_below(platform: str, fsdp: int) -> int:
+    """``train.global_norm``'s ``concat_below`` for a train step on ``platform`` with an ``fsdp`` axis of that size:
+    :data:`NORM_CONCAT_BELOW` on the CPU with replicated parameters (``fsdp == 1``), where one sum over the small
+    gradients concatenated compiles as one kernel instead of one per array; 0 elsewhere (sharded arrays would be
+    gathered to be concatenated, and the compile time it saves was measured on XLA:CPU only)."""
+    return NORM_CONCAT_BELOW if platform == "cpu" and fsdp == 1 else 0

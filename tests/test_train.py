@@ -182,3 +182,30 @@ def test_clip_with_the_norm_given_equals_optax_clip(max_norm):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     clipped, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState(), global_norm=norm)
     assert np.isclose(float(optax.tree.norm(clipped)), min(float(norm), max_norm), rtol=1e-5)
+
+
+def _kernels(compiled) -> int:
+    """Kernels in a compiled CPU program: its fusions and custom calls (XLA:CPU compiles each as one)."""
+    import re
+
+    entry = compiled.as_text().split("ENTRY")[1]
+    return len(re.findall(r" (?:fusion|custom-call)\(", entry))
+
+
+def test_global_norm_concatenating_small_leaves_is_the_norm_in_one_kernel():
+    """train.global_norm equals optax's norm whichever leaves it concatenates; on the CPU, the small leaves summed
+    as one vector compile to a couple of kernels, where a sum per leaf compiles to one kernel per leaf."""
+    import optax
+
+    from diffjax.train import global_norm
+
+    rng = np.random.default_rng(1)
+    tree = {f"b{i}": rng.normal(size=(i + 3,)).astype(np.float32) for i in range(40)}
+    tree["w"] = rng.normal(size=(64, 48)).astype(np.float32)
+    want = float(optax.tree.norm(tree))
+    for concat_below in (0, 10, 100, 10_000):
+        assert np.isclose(float(global_norm(tree, concat_below)), want, rtol=1e-6), concat_below
+    assert float(global_norm({}, 100)) == 0.0
+    per_leaf = _kernels(jax.jit(lambda t: global_norm(t, 0)).lower(tree).compile())
+    together = _kernels(jax.jit(lambda t: global_norm(t, 100)).lower(tree).compile())
+    assert per_leaf >= 30 and together <= 6, (per_leaf, together)

@@ -179,6 +179,14 @@ def test_compiler_options_add_to_the_passes_xla_flags_disable(monkeypatch):
     assert xla_cpu.compiler_options("gpu") is None and xla_cpu.compiler_options("tpu") is None
 
 
+def test_gradient_norm_concatenates_only_replicated_cpu_arrays():
+    """The Trainer's ``norm_concat_below``: on the CPU with replicated parameters only (a concatenation would
+    gather arrays sharded over an fsdp axis)."""
+    assert xla_cpu.norm_concat_below("cpu", 1) == xla_cpu.NORM_CONCAT_BELOW > 0
+    assert xla_cpu.norm_concat_below("cpu", 2) == 0
+    assert xla_cpu.norm_concat_below("gpu", 1) == 0 and xla_cpu.norm_concat_below("tpu", 1) == 0
+
+
 def test_trainer_compiles_its_step_with_remat_barriers_kept(fake_config):
     """The step of a remat U-Net keeps its barriers through XLA:CPU's compilation (the options above are the
     Trainer's)."""
