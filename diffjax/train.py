@@ -99,8 +99,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
         del params, extra_args
         norm = optax.tree.norm(updates) if global_norm is None else global_norm
         # One scalar factor, not optax's (g / ||g||) * max_norm per element: XLA:CPU compiled that division as a
-        # kernel of its own for every parameter array (253 of the tiny config's step), where a multiply by a
-        # scalar fuses into the optimizer's kernels. Equal to optax's result within a rounding.
+        # kernel of its own for every parameter array, where a multiply by a scalar fuses into the optimizer's
+        # kernels (253 fewer in the tiny config's step). Equal to optax's result within a rounding.
+        norm = jnp.squeeze(norm)
         scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
         return jax.tree_util.tree_map(lambda t: t * scale.astype(t.dtype), updates), state
 
@@ -110,9 +111,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 def global_norm(tree: Any, concat_below: int = 0) -> Array:
     """||g|| = sqrt(Σ_leaves Σ_elements g²). ``concat_below > 0`` sums the squares of the leaves with fewer elements
     than that as one concatenated vector, and each larger leaf on its own; 0 sums every leaf on its own, as
-    ``optax.tree.norm``. XLA:CPU compiles each sum as a kernel of its own (one per parameter array: 228 of the
-    tiny config's step, most of them biases and normalisation scales), so the train step concatenates the small
-    leaves on the CPU; the copy costs memory only of the small leaves' size. Only for replicated arrays: a
+    ``optax.tree.norm``. XLA:CPU compiles each sum as a kernel of its own (227 fewer kernels in the tiny config's
+    step, whose 254 arrays are all small but the token embedding), so the train step concatenates the small
+    leaves on the CPU; the copy costs at most the small leaves' size in memory. Only for replicated arrays: a
     concatenation of arrays sharded over an ``fsdp`` axis would gather them first."""
     leaves = jax.tree_util.tree_leaves(tree)
     small = [jnp.ravel(x) for x in leaves if x.size < concat_below]

@@ -189,7 +189,7 @@ def test_gradient_norm_concatenates_only_replicated_cpu_arrays():
 
 def test_trainer_compiles_its_step_with_remat_barriers_kept(fake_config):
     """The step of a remat U-Net keeps its barriers through XLA:CPU's compilation (the options above are the
-    Trainer's)."""
+    Trainer's), and its gradient norm concatenates the small gradients (replicated parameters on the CPU)."""
     import jax
     import numpy as np
 
@@ -206,4 +206,8 @@ def test_trainer_compiles_its_step_with_remat_barriers_kept(fake_config):
     batch = {"image": np.zeros((b, 8, 8, 1), np.float32), "token_ids": ids, "mask": mask,
              "label": np.zeros((b,), np.int32)}
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
-    assert "opt-barrier" in tr.step.lower(tr.abstract_state, abstract).compile().as_text()
+    lowered = tr.step.lower(tr.abstract_state, abstract)
+    assert "opt-barrier" in lowered.compile().as_text()
+    # ... and sums its small gradients' squares as one concatenated vector (xla_cpu.norm_concat_below).
+    small = [x.size for x in jax.tree_util.tree_leaves(tr.abstract_state.params) if x.size < xla_cpu.NORM_CONCAT_BELOW]
+    assert len(small) > 20 and f"-> tensor<{sum(small)}xf32>" in lowered.as_text()
