@@ -72,17 +72,24 @@ flags.DEFINE_string("out", None, "sample: output directory (default: WORKDIR/gen
                     "folder to write.")
 
 
+class Failure(Exception):
+    """What ends a command with one ``error: ...`` line and exit status 2: bad input, or a run that cannot go on."""
+
+
 def _fail(e: BaseException) -> None:
-    """Write ``error: ...`` as the last line on stderr and end the process with status 2.
+    raise Failure(" ".join(str(e).split())) from e
+
+
+def _exit_with_error(line: str) -> None:
+    """Write ``error: LINE`` as the last line on stderr and end the process with status 2.
 
     After a failed asynchronous save, orbax's and tensorstore's threads still complete the abandoned writes
     and report each failure ("Event loop is closed", "Task exception was never retrieved"), from Python and
     from C, for a while and again at interpreter shutdown: thousands of traceback lines that would land after
-    this one. Their work is abandoned and already summarised in ``e``, so file descriptor 2 is pointed at
+    this one. Their work is abandoned and already summarised in the line, so file descriptor 2 is pointed at
     /dev/null for every thread first, the line goes to the real stderr, and ``os._exit`` skips the
     finalisers. Nothing is lost: the checkpoint manager and the metric writer are closed before an error
     reaches here, and the kernel releases the workdir lock."""
-    line = f"error: {' '.join(str(e).split())}\n"
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -91,7 +98,7 @@ def _fail(e: BaseException) -> None:
     os.dup2(devnull, 2)
     # A leading newline: another thread may have left a partial line on stderr just before the redirection (seen
     # in CI: four spaces of a traceback's indentation), which would otherwise prefix this one.
-    os.write(real_stderr, ("\n" + line).encode())
+    os.write(real_stderr, f"\nerror: {line}\n".encode())
     os._exit(2)
 
 
@@ -345,7 +352,7 @@ def convert() -> None:
     print(f"converted {FLAGS.diffusers} to {path}")
 
 
-def main(argv):
+def _dispatch(argv) -> None:
     if len(argv) > 1:
         _fail(ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)"))
     from diffjax import sharding, xla_cpu
@@ -364,6 +371,35 @@ def main(argv):
     modes = {"train": lambda: train(FLAGS.config), "train_classifier": lambda: train_classifier(FLAGS.config),
              "eval": evaluate, "sample": sample, "export": export, "convert": convert}
     modes[FLAGS.mode]()
+
+
+def main(argv):
+    """absl's entry point: the mode, and a failure as one line and exit status 2 (``_exit_with_error``)."""
+    try:
+        _dispatch(argv)
+    except Failure as e:
+        _exit_with_error(str(e))
+
+
+def run(args) -> int:
+    """``python -m experiments.main ARGS`` in this process: the exit status (0, or 2 after one ``error: ...`` line
+    on ``sys.stderr``). For programs that drive the command line, such as the tests: no new interpreter, and the
+    compiled programs of earlier calls stay in memory. The flags are parsed afresh each call."""
+    argv = ["experiments.main", *args]
+    FLAGS.unparse_flags()
+    for name in [n for n in FLAGS if n.startswith("config.")]:  # the last call's --config.KEY overrides
+        delattr(FLAGS, name)
+    previous, sys.argv = sys.argv, argv  # --config's overrides are read from sys.argv
+    try:
+        _dispatch(parse_flags(argv))
+    except SystemExit as e:  # parse_flags: a bad flag, already reported in one line
+        return e.code
+    except Failure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = previous
+    return 0
 
 
 def parse_flags(argv):
