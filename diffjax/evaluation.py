@@ -258,6 +258,15 @@ def clip_score(images: np.ndarray, prompts: Sequence[str], model: str, batch_siz
     clip = FlaxCLIPModel.from_pretrained(model)
     processor = CLIPProcessor.from_pretrained(model)
     max_length = int(clip.config.text_config.max_position_embeddings)
+
+    @jax.jit  # one program per batch shape (transformers' Flax models otherwise run op by op)
+    def scores_of(params, pixel_values, input_ids, attention_mask):
+        e_i = clip.get_image_features(pixel_values=pixel_values, params=params)
+        e_t = clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask, params=params)
+        e_i = e_i / jnp.linalg.norm(e_i, axis=-1, keepdims=True)
+        e_t = e_t / jnp.linalg.norm(e_t, axis=-1, keepdims=True)
+        return 100.0 * jnp.maximum(jnp.sum(e_i * e_t, -1), 0.0)
+
     scores = []
     for s in range(0, len(images), batch_size):
         imgs = np.asarray(images[s:s + batch_size])
@@ -265,11 +274,8 @@ def clip_score(images: np.ndarray, prompts: Sequence[str], model: str, batch_siz
             imgs = np.repeat(imgs, 3, axis=-1)
         inputs = processor(text=list(prompts[s:s + batch_size]), images=list(imgs), return_tensors="np",
                            padding="max_length", truncation=True, max_length=max_length)
-        e_i = clip.get_image_features(pixel_values=inputs["pixel_values"])
-        e_t = clip.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        e_i = e_i / jnp.linalg.norm(e_i, axis=-1, keepdims=True)
-        e_t = e_t / jnp.linalg.norm(e_t, axis=-1, keepdims=True)
-        scores.append(np.asarray(100.0 * jnp.maximum(jnp.sum(e_i * e_t, -1), 0.0)))
+        scores.append(np.asarray(scores_of(clip.params, inputs["pixel_values"], inputs["input_ids"],
+                                           inputs["attention_mask"])))
     return float(np.mean(np.concatenate(scores)))
 
 

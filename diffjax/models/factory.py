@@ -160,11 +160,17 @@ class Models:
         """Fresh network parameters (the U-Net's do not depend on the spatial size, nor do the DiT's: its
         position embeddings are computed, not learned; ``image_shape[:2]`` is only the dummy input's size)."""
         h, w = tuple(image_shape)[:2]
-        x = jnp.zeros((1, h, w, self.in_channels), jnp.float32)
         d, length = self.text_encoder.hidden_size, self.text_encoder.max_length
-        return self.network.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), jnp.zeros((1, length, d)),
-                                 jnp.ones((1, length), bool),
-                                 pooled=jnp.zeros((1, d)) if self.use_pooled else None)["params"]
+
+        def init(rng):
+            x = jnp.zeros((1, h, w, self.in_channels), jnp.float32)
+            return self.network.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), jnp.zeros((1, length, d)),
+                                     jnp.ones((1, length), bool),
+                                     pooled=jnp.zeros((1, d)) if self.use_pooled else None)["params"]
+
+        # One program: called outside jit, Flax's init would run the network's forward pass op by op (a compiled
+        # kernel per operation, hundreds for the U-Net). Inside a traced function this jit is inlined.
+        return jax.jit(init)(rng)
 
     def abstract_params(self) -> dict:
         """``{component: ..., "text": ...[, "vae": ...]}`` as ``jax.ShapeDtypeStruct`` trees (nothing is
@@ -191,9 +197,19 @@ def in_dtype(network, dtype: str, param_dtype: Optional[str] = None):
 
 def cast_floating(tree: Any, dtype) -> Any:
     """Every floating leaf of ``tree`` (numpy or jax arrays) as ``dtype``, the other leaves as they are
-    (``jnp.issubdtype``: numpy does not count bfloat16 as floating)."""
+    (``jnp.issubdtype``: numpy does not count bfloat16 as floating). The jax arrays are cast by one compiled
+    program (keeping their shardings), not one per leaf."""
     dtype = jnp.dtype(dtype)
-    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    cast = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype]
+    on_device = [i for i in cast if isinstance(leaves[i], jax.Array)]
+    if on_device:
+        done = jax.jit(lambda xs: [x.astype(dtype) for x in xs])([leaves[i] for i in on_device])
+        for i, x in zip(on_device, done):
+            leaves[i] = x
+    for i in set(cast) - set(on_device):
+        leaves[i] = leaves[i].astype(dtype)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 # ------------------------------------------------------------------------------------------------------
