@@ -45,10 +45,12 @@ demo: venv $(FMNIST_IDX) $(TCMALLOC_LIB) $(CLASSIFIER)/metrics.json
 	$(MAIN) --mode=eval --config=experiments/configs/fashion_mnist.py --workdir=$(WORKDIR) \
 		--config.evaluation.classifier_workdir=$(CLASSIFIER)
 
-# The notebooks (tests/test_notebooks.py) train on the real Fashion-MNIST files.
+# The notebooks (tests/test_notebooks.py) train on the real Fashion-MNIST files. Two pytest-xdist workers, a test
+# file each at a time (TEST_WORKERS=0: all in this process); tests/conftest.py builds what they share once.
+TEST_WORKERS ?= 2
 test: venv $(FMNIST_IDX) $(TCMALLOC_LIB)
 	LD_PRELOAD="$$($(BIN)/python -c 'from diffjax import xla_cpu; print(xla_cpu.tcmalloc_path() or "")') $$LD_PRELOAD" \
-		$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+		$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -53,6 +53,7 @@ def test_gpu_presets_match_diffusers_pytorch(name):
     assert _diffjax_params(spec) == _torch_params(spec)
 
 
+@pytest.mark.process("benchmarks/run.py is a program of its own, with its worker processes")
 def test_driver_times_diffjax_and_pytorch_train_steps(tmp_path, subprocess_env):
     out = tmp_path / "suite.json"
     proc = subprocess.run(

@@ -203,6 +203,7 @@ def test_converted_folder_and_its_re_export_load_identically(tmp_path):
     assert edited.shape == (2, 32, 32, 3)
 
 
+@pytest.mark.process("a fresh interpreter shows that torch is never imported")
 def test_conversion_reads_no_torch(tmp_path, subprocess_env):
     """Safetensors are read with numpy: the conversion runs where torch cannot be imported."""
     import subprocess
@@ -257,6 +258,7 @@ def test_convert_command_and_bad_folders_one_line_nothing_written(tmp_path, run_
     assert "latent_channels=8, but the U-Net takes in_channels=4" in convert("shape")
 
 
+@pytest.mark.trains("a Trainer started from a converted diffusers folder")
 def test_fine_tuning_starts_from_the_converted_weights(tmp_path):
     from fakes import flat, image_folder_config, write_image_folder
 

@@ -1,6 +1,7 @@
 """Tests of diffjax.models.dit: the Diffusion Transformer beside the U-Net (tiny configs, 8x8-16x16 images)."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +237,7 @@ def test_factory_builds_a_dit_whose_folder_reloads_and_samples_the_same_images(t
     assert pipe.generate("a bag", width=6).shape == (1, 8, 6, 1)  # any multiple of the patch
 
 
+@pytest.mark.trains("the command line trains the DiT")
 def test_dit_trains_through_the_command_line_exports_and_samples(fake_config, tmp_path, run_main, last_error_line):
     data = [f"--config.data.manual_dir={fake_config.data.manual_dir}",
             f"--config.data.data_dir={fake_config.data.data_dir}"]
@@ -265,18 +267,17 @@ def test_dit_trains_through_the_command_line_exports_and_samples(fake_config, tm
         assert not (tmp_path / d / "checkpoints").exists()
 
 
-def test_eight_devices_data_and_fsdp_match_one_device_for_the_dit(tmp_path, run_worker):
+def test_four_devices_data_and_fsdp_match_one_device_for_the_dit(multi_device):
     from test_train import _close
 
-    out = tmp_path / "dit.npz"
-    run_worker(["layouts", out, "dit"], devices=8)
-    res = dict(np.load(out))
+    res = dict(np.load(os.path.join(multi_device, "layouts_dit.npz")))
     assert float(np.max(np.abs(res["one_device"]))) > 0
-    for key in ("data8", "data4_fsdp2"):
+    for key in ("data", "data_fsdp"):
         _close(res[key], res["one_device"])
     assert int(res["fsdp_sharded_leaves"]) > 0
 
 
+@pytest.mark.trains("a DiT that learns its variance")
 def test_a_learned_variance_dit_trains_its_variance_and_ddpm_samples_with_it():
     from fakes import GLOBAL_BATCH, perturbed
 

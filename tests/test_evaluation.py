@@ -4,6 +4,7 @@ class-conditional evaluation of a pipeline, the CLIP score with a local model, a
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -65,29 +66,8 @@ def test_feature_statistics_of_samples_converge_to_the_gaussian():
 
 
 @pytest.fixture(scope="module")
-def fake_data(tmp_path_factory, fake_fashion_mnist_dir):
-    from experiments.configs import fashion_mnist_classifier
-
-    config = fashion_mnist_classifier.get_config()
-    config.data.manual_dir = fake_fashion_mnist_dir
-    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    config.data.image_size = 8
-    config.training.batch_size = 20
-    config.training.num_epochs = 2
-    config.data.num_threads = 1
-    return config
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(fake_data, tmp_path_factory, run_main):
-    workdir = str(tmp_path_factory.mktemp("classifier"))
-    proc = run_main(["--mode=train_classifier", "--config=experiments/configs/fashion_mnist_classifier.py",
-                     f"--workdir={workdir}", f"--config.data.manual_dir={fake_data.data.manual_dir}",
-                     f"--config.data.data_dir={fake_data.data.data_dir}", "--config.data.image_size=8",
-                     "--config.training.batch_size=20", "--config.training.num_epochs=2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "classifier test accuracy" in proc.stdout
-    return workdir
+def fake_data(classifier_config):
+    return classifier_config
 
 
 def test_classifier_checkpoint_round_trip(fake_data, classifier_dir, tmp_path):
@@ -136,17 +116,12 @@ def test_evaluate_text2image_metrics(fake_data, classifier_dir):
         evaluation.class_conditioned_prompts(describe_dataset(fake_data.data), 2, ("no slot",))
 
 
-def test_eval_command_writes_metrics(fake_data, classifier_dir, tmp_path, run_main):
+def test_eval_command_writes_metrics(trainer, classifier_dir, tmp_path, run_main):
     """--mode=eval on a checkpoint: metrics JSON, grid PNG, TensorBoard events, the summary line."""
     from diffjax.checkpoints import Checkpointer
-    from diffjax.train import Trainer
-    from experiments.configs import tiny
 
-    config = tiny.get_config()
-    config.data.manual_dir, config.data.data_dir = fake_data.data.manual_dir, fake_data.data.data_dir
-    trainer = Trainer(config, image_shape=(8, 8, 1))
     ckpt = Checkpointer(str(tmp_path / "checkpoints"))
-    ckpt.save(4, trainer.init(), None, config)
+    ckpt.save(4, trainer.init(), None, trainer.config)
     ckpt.close()
     proc = run_main(["--mode=eval", f"--workdir={tmp_path}", "--config=experiments/configs/tiny.py",
                      f"--config.evaluation.classifier_workdir={classifier_dir}",
@@ -193,8 +168,9 @@ def test_clip_score_with_a_local_model(tmp_path):
     processor = CLIPProcessor.from_pretrained(clip_dir)
     inputs = processor(text=prompts, images=list(np.repeat(images, 3, -1)), return_tensors="np",
                        padding="max_length", truncation=True, max_length=16)
-    e_i = model.get_image_features(pixel_values=inputs["pixel_values"])
-    e_t = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    features = jax.jit(lambda p, x, ids, m: (model.get_image_features(pixel_values=x, params=p),
+                                             model.get_text_features(input_ids=ids, attention_mask=m, params=p)))
+    e_i, e_t = features(model.params, inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
     cos = jnp.sum(e_i * e_t, -1) / (jnp.linalg.norm(e_i, axis=-1) * jnp.linalg.norm(e_t, axis=-1))
     assert score == pytest.approx(float(jnp.mean(100 * jnp.maximum(cos, 0))), rel=1e-5)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):

@@ -45,15 +45,24 @@ def _config(image_folder, tmp_path, **model):
     return config
 
 
-def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent_folder, image_folder, tmp_path):
+@pytest.fixture(scope="module")
+def latent_trainer(latent_folder, image_folder, tmp_path_factory):
+    """A Trainer of a latent U-Net on the frozen tiny autoencoder, with random flips and precomputed latents (its step
+    takes batches of images and of stored latents alike); the tests below share its compiled programs."""
+    from diffjax.train import Trainer
+
+    config = _config(image_folder, tmp_path_factory.mktemp("latent_run"), autoencoder=latent_folder)
+    config.text.trainable, config.data.random_flip, config.data.precompute_latents = False, True, True
+    return Trainer(config)
+
+
+def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent_trainer, latent_folder):
     from diffjax import losses, model_folder
     from diffjax.data import make_dataset
     from diffjax.models.autoencoder import encode_latents
-    from diffjax.train import Trainer, _per_example_randomness
+    from diffjax.train import _per_example_randomness
 
-    config = _config(image_folder, tmp_path, autoencoder=latent_folder)
-    config.text.trainable = False
-    trainer = Trainer(config)
+    trainer, config = latent_trainer, latent_trainer.config
     models = trainer.models
     assert models.autoencoder is not None and models.latent_shape((16, 16, 3)) == (8, 8, 4)
     _, vae_params = model_folder.load_autoencoder(latent_folder)
@@ -64,10 +73,16 @@ def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent
     # The held-out loss is the diffusion loss of the autoencoder's scaled posterior means.
     key = jax.random.PRNGKey(5)
     t, noise, _, _ = _per_example_randomness(key, jnp.arange(8), (8, 8, 4), models.schedule.num_timesteps, 0.0)
-    z0 = encode_latents(models.autoencoder, vae_params, batch["image"])
-    cond = models.text_encoder.encode(state.text_params(), batch["token_ids"], batch["mask"])
-    expect = losses.diffusion_loss(key, models.denoiser(state.ema_params["unet"]), models.schedule, z0, cond, t=t,
-                                   noise=noise, prediction_type="eps", weighting="min_snr").loss
+
+    @jax.jit  # one program, not the networks op by op
+    def expected_loss(unet_params, text_params, images, ids, mask):
+        z0 = encode_latents(models.autoencoder, vae_params, images)
+        cond = models.text_encoder.encode(text_params, ids, mask)
+        return losses.diffusion_loss(key, models.denoiser(unet_params), models.schedule, z0, cond, t=t, noise=noise,
+                                     prediction_type="eps", weighting="min_snr").loss
+
+    expect = expected_loss(state.ema_params["unet"], state.text_params(), batch["image"], batch["token_ids"],
+                           batch["mask"])
     np.testing.assert_allclose(trainer.eval_step(state, batch, key), expect, rtol=1e-5)
     for _ in range(3):
         state, metrics = trainer.step(state, batch)
@@ -75,7 +90,7 @@ def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent
     np.testing.assert_array_equal(flat(state.frozen["vae"]), flat(vae_params))  # frozen: not trained
 
 
-def test_precomputed_latents_give_the_batches_and_the_steps_of_encoding_in_the_step(latent_folder, image_folder,
+def test_precomputed_latents_give_the_batches_and_the_steps_of_encoding_in_the_step(latent_trainer, latent_folder,
                                                                                    tmp_path):
     """data.precompute_latents: the posterior moments stored once (with those of the mirrored images) make the
     same batches, train step and held-out loss as encoding every batch; built once per autoencoder."""
@@ -83,11 +98,10 @@ def test_precomputed_latents_give_the_batches_and_the_steps_of_encoding_in_the_s
     from diffjax.data import make_dataset
     from diffjax.data.latents import LatentEncoder, latent_source
     from diffjax.data.sources import load_source
-    from diffjax.train import Trainer
 
-    config = _config(image_folder, tmp_path, autoencoder=latent_folder)
-    config.text.trainable, config.data.random_flip, config.data.precompute_latents = False, True, True
-    trainer = Trainer(config)
+    trainer = latent_trainer
+    config = trainer.config.copy_and_resolve_references()
+    config.data.data_dir = str(tmp_path / "tfds")  # its own dataset directory: the latents it builds are counted
     models, vae = trainer.models, trainer.models.autoencoder
     encoder = trainer.latent_encoder()
     assert isinstance(encoder, LatentEncoder) and trainer.latent_encoder() is encoder
@@ -97,11 +111,12 @@ def test_precomputed_latents_give_the_batches_and_the_steps_of_encoding_in_the_s
     built = list((tmp_path / "tfds").glob("captioned_image_folder/*/1.0.0/diffjax_latents/precomputed_latents/*"))
     assert len(built) == 1, built
     _, vae_params = model_folder.load_autoencoder(latent_folder)
+    encode = jax.jit(lambda params, x: vae.apply({"params": params}, x, method=vae.encode))
     for _ in range(3):  # the same order, captions and flips; the moments of the (mirrored) image
         a, b = next(images), next(stored)
         assert "image" not in b and b["latent_mean"].shape == (8, 8, 8, 4)
         np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
-        posterior = vae.apply({"params": vae_params}, a["image"], method=vae.encode)
+        posterior = encode(vae_params, a["image"])
         np.testing.assert_allclose(b["latent_mean"], posterior.mean, atol=2e-5)  # other XLA programs
         np.testing.assert_allclose(b["latent_logvar"], posterior.logvar, atol=1e-4)
     # The autoencoder is not flip-equivariant: the mirrored images' moments are their own.
@@ -144,6 +159,7 @@ def test_precompute_latents_needs_a_latent_model(tmp_path):
         Trainer(config)
 
 
+@pytest.mark.trains("the command line fine-tunes a latent model folder")
 def test_fine_tuning_a_pretrained_latent_model_trains_exports_and_samples(latent_folder, image_folder, tmp_path,
                                                                           run_main):
     from diffjax import model_folder
@@ -179,7 +195,8 @@ def test_fine_tuning_a_pretrained_latent_model_trains_exports_and_samples(latent
 
     x0 = np.linspace(-1, 1, 16 * 16 * 3, dtype=np.float32).reshape(1, 16, 16, 3)
     latents = again.img2img(["a red square"], x0, strength=0.1, num_steps=3, output_type="latent")
-    np.testing.assert_allclose(latents, encode_latents(again.models.autoencoder, again.vae_params, x0), atol=1e-5)
+    encode = jax.jit(lambda params, x: encode_latents(again.models.autoencoder, params, x))
+    np.testing.assert_allclose(latents, encode(again.vae_params, x0), atol=1e-5)
 
 
 def test_fine_tuning_a_bfloat16_folder_trains_float32_parameters(latent_folder, image_folder, tmp_path):

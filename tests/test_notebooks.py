@@ -37,6 +37,7 @@ def test_pair_is_in_sync_and_outputs_are_stripped(name):
             assert not cell.get("outputs") and cell.get("execution_count") is None, f"{name}.ipynb has outputs"
 
 
+@pytest.mark.process("each notebook runs in a Jupyter kernel of its own")
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch, subprocess_env):
     notebook = jupytext.read(os.path.join(COLAB, name + ".ipynb"))

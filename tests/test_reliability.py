@@ -98,6 +98,7 @@ def _restore_all(trainer, workdir, parts=("params", "ema_params")):
     return out
 
 
+@pytest.mark.trains("a run with a learning rate of 1e30")
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_a_diverging_run_stops_with_one_line_and_finite_checkpoints(policy, fake_config, trainer, tmp_path, run_main,
                                                                    last_error_line):
@@ -155,6 +156,8 @@ def _complete_steps(workdir) -> list[int]:
     return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
 
 
+@pytest.mark.process("signals reach a training process")
+@pytest.mark.trains("the resumed and the straight runs, compared bitwise")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_checkpoints_exits_zero_and_resumes_bitwise(sig, fake_config, trainer, tmp_path, subprocess_env,
                                                               run_main, last_error_line):
@@ -194,6 +197,7 @@ def test_preemption_checkpoints_exits_zero_and_resumes_bitwise(sig, fake_config,
         np.testing.assert_array_equal(flat(resumed[part]), flat(direct[part]), err_msg=part)
 
 
+@pytest.mark.process("the lock's holder is a process that dies")
 def test_the_workdir_lock_is_released_when_its_holder_dies(tmp_path):
     from diffjax.loop import RunError, workdir_lock
 
@@ -226,11 +230,18 @@ def _start_pair(run, fake_config, subprocess_env, num_steps, heartbeat_timeout=1
     return procs
 
 
+@pytest.mark.process("two jax.distributed processes, a signal, and one of them killed")
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(fake_config, trainer, tmp_path, subprocess_env):
-    """A preemption notice reaches one host: JAX's preemption sync makes both checkpoint the same step and
-    exit 0."""
+def test_a_pair_of_processes_stops_together_on_sigterm_stops_when_one_dies_and_resumes(fake_config, trainer, tmp_path,
+                                                                                      subprocess_env):
+    """Two processes of one run (gloo on 127.0.0.1), three times over one workdir:
+    1. a preemption notice reaches one host: JAX's preemption sync makes both checkpoint the same step and exit 0;
+    2. resumed, one is SIGKILLed mid-run: the other stops within the heartbeat timeout, naming the cause,
+       instead of hanging in a collective;
+    3. a rerun of both resumes from the newest complete checkpoint and finishes."""
     run = tmp_path / "run"
+    timeout = 10
+
     procs = _start_pair(run, fake_config, subprocess_env, 100000, heartbeat_timeout=60)
     try:
         _wait_for_line(procs[0], "step 6:")
@@ -244,36 +255,26 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(fake_config, tra
     assert stops[0] == stops[1] >= 6
     assert stops[0] in _restore_all(trainer, str(run))
 
-
-@pytest.mark.slow
-def test_a_dead_process_stops_its_peer_in_bounded_time_and_the_pair_resumes(fake_config, trainer, tmp_path,
-                                                                          subprocess_env):
-    """Two processes (gloo on 127.0.0.1); one is SIGKILLed mid-run: the other stops within the heartbeat
-    timeout, naming the cause, instead of hanging in a collective; a rerun of both resumes from the newest
-    complete checkpoint and finishes."""
-    timeout = 10
-    run = tmp_path / "run"
-
-    def start(num_steps):
-        return _start_pair(run, fake_config, subprocess_env, num_steps, heartbeat_timeout=timeout)
-
-    first = start(100000)
-    try:  # killed once step 4's asynchronous save is committed (on a loaded machine that takes several steps)
-        _wait_for_line(first[0], "step 6:", until=lambda: any(step >= 4 for step in _complete_steps(run)))
-        first[1].kill()
+    procs = _start_pair(run, fake_config, subprocess_env, 100000, heartbeat_timeout=timeout)
+    try:  # killed once a save of this run is committed (on a loaded machine that takes several steps)
+        seen = _wait_for_line(procs[0], f"step {stops[0] + 2}:",
+                              until=lambda: any(step > stops[0] for step in _complete_steps(run)))
+        procs[1].kill()
         t0 = time.time()
-        _, err = first[0].communicate(timeout=timeout + 170)  # bounded: the heartbeat timeout and a margin
+        _, err = procs[0].communicate(timeout=timeout + 170)  # bounded: the heartbeat timeout and a margin
         waited = time.time() - t0
     finally:
-        for p in first:
+        for p in procs:
             p.kill()
-    assert first[0].returncode != 0, (first[0].returncode, waited)
+    assert f"resumed from step {stops[0]}" in "".join(seen)
+    assert procs[0].returncode != 0, (procs[0].returncode, waited)
     assert "another task died" in err or "heartbeat" in err, err[-3000:]
     complete = _complete_steps(run)
-    assert complete and complete[-1] >= 4, complete
-    second = start(complete[-1] + 3)
-    outs = [p.communicate(timeout=600) for p in second]
-    assert all(p.returncode == 0 for p in second), outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert complete and complete[-1] > stops[0], complete
+
+    procs = _start_pair(run, fake_config, subprocess_env, complete[-1] + 3, heartbeat_timeout=timeout)
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
     assert f"resumed from step {complete[-1]}" in outs[0][1]
     assert complete[-1] + 3 in _restore_all(trainer, str(run))
 
@@ -299,14 +300,34 @@ def _damage(step_dir, how):
         open(os.path.join(step_dir, "state", "manifest.ocdbt"), "w").close()
 
 
+@pytest.fixture(scope="module")
+def run_to_3(trainer, tmp_path_factory):
+    """The fake run trained to step 2, then resumed to step 3: checkpoints 2 and 3 (copied by ``_copy_run``)."""
+    from diffjax import loop
+
+    workdir = str(tmp_path_factory.mktemp("run_to_3") / "run")
+    loop.train(trainer, workdir, stop_at=2)
+    loop.train(trainer, workdir, stop_at=3)
+    return workdir
+
+
+def _copy_run(run_to_3, tmp_path, steps=(2, 3)) -> str:
+    """A copy of ``run_to_3``'s workdir keeping the checkpoints of ``steps``."""
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_to_3, workdir)
+    for step in {2, 3} - set(steps):
+        shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    return workdir
+
+
 @pytest.mark.parametrize("how", ["truncate", "zero", "delete_metadata", "empty"])
-def test_a_damaged_newest_checkpoint_is_named_then_set_aside(how, trainer, fake_config, tmp_path):
+def test_a_damaged_newest_checkpoint_is_named_then_set_aside(how, trainer, fake_config, run_to_3, tmp_path):
     from diffjax import loop
 
     tc = fake_config.training
-    workdir = str(tmp_path / "run")
-    loop.train(trainer, workdir, stop_at=2)
-    loop.train(trainer, workdir, stop_at=3)
+    workdir = _copy_run(run_to_3, tmp_path)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
     _damage(os.path.join(ckpt_dir, "3"), how)
@@ -331,15 +352,14 @@ def test_a_damaged_newest_checkpoint_is_named_then_set_aside(how, trainer, fake_
     assert 2 in [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
 
 
-def test_no_fresh_start_over_unreadable_or_mismatched_checkpoints(trainer, fake_config, tmp_path):
+def test_no_fresh_start_over_unreadable_or_mismatched_checkpoints(trainer, fake_config, run_to_3, tmp_path):
     """The only checkpoint damaged: RunError and nothing moved, also on the next attempt (an automatic restart
     must not begin again at step 0). A checkpoint whose files are whole but whose state does not fit the run
     (a changed config) is not "corrupt": RunError, nothing moved."""
     from diffjax import loop
     from diffjax.checkpoints import Checkpointer
 
-    workdir = str(tmp_path / "run")
-    loop.train(trainer, workdir, stop_at=2)
+    workdir = _copy_run(run_to_3, tmp_path, steps=(2,))
     _damage(os.path.join(workdir, "checkpoints", "2"), "truncate")
     for _ in range(2):
         with pytest.raises(loop.RunError, match="no checkpoint in .* can be read .*step 2.*nothing was moved"):
@@ -363,14 +383,16 @@ def test_from_checkpoint_with_a_frozen_text_encoder_reads_its_parameters(tmp_pat
     from diffjax.checkpoints import Checkpointer
     from diffjax.pipeline import Text2Image
     from diffjax.train import Trainer
-    from fakes import perturbed, tiny_config
+    from fakes import tiny_config
 
     config = tiny_config()
     config.text.trainable = False
     trainer = Trainer(config, image_shape=(8, 8, 1))
-    state = trainer.init()
+    # A state of the run's layout with random values (no initialisation to compile): what is read back is compared.
+    rng = np.random.default_rng(0)
+    state = jax.tree_util.tree_map(lambda s: jax.device_put(rng.normal(size=s.shape).astype(s.dtype), s.sharding),
+                                   trainer.abstract_state)
     assert "text" not in state.params and "text" in state.frozen
-    state = state.replace(ema_params=perturbed(state.ema_params, seed=1), frozen=perturbed(state.frozen, seed=2))
     ckpt = Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(5, state, None, config)
     ckpt.close()
@@ -380,11 +402,10 @@ def test_from_checkpoint_with_a_frozen_text_encoder_reads_its_parameters(tmp_pat
         np.testing.assert_array_equal(flat(pipe.text_params), flat(state.frozen["text"]))
 
 
-def test_a_partial_checkpoint_is_ignored_and_reported(trainer, fake_config, tmp_path, caplog):
+def test_a_partial_checkpoint_is_ignored_and_reported(trainer, fake_config, run_to_3, tmp_path, caplog):
     from diffjax import loop
 
-    workdir = str(tmp_path / "run")
-    loop.train(trainer, workdir, stop_at=2)
+    workdir = _copy_run(run_to_3, tmp_path, steps=(2,))
     # What a save killed before its rename leaves: orbax's temporary directory.
     partial = os.path.join(workdir, "checkpoints", "3.orbax-checkpoint-tmp-1234567")
     os.makedirs(os.path.join(partial, "state"))
@@ -465,19 +486,16 @@ def small_filesystem(tmp_path):
         subprocess.run(["umount", str(point)], capture_output=True)
 
 
-def test_disk_full_at_save_time_and_a_read_only_workdir(trainer, fake_config, tmp_path, run_main, last_error_line,
-                                                        small_filesystem):
-    from diffjax import loop
-
-    probe = str(tmp_path / "probe")
-    loop.train(trainer, probe, stop_at=2)
-    step_dir = os.path.join(probe, "checkpoints", "2")
+@pytest.mark.process("the exit path that silences orbax's threads, and mount")
+def test_disk_full_at_save_time_and_a_read_only_workdir(trainer, fake_config, run_to_3, tmp_path, run_main,
+                                                        last_error_line, small_filesystem):
+    step_dir = os.path.join(run_to_3, "checkpoints", "2")  # the size of one checkpoint
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(step_dir) for f in fs)
     disk = small_filesystem(int(size * 1.6) // 1024)  # room for one checkpoint, not two
     workdir = disk / "run"
     flags = ["--config=experiments/configs/tiny.py", *_data_flags(fake_config), "--config.training.num_steps=8",
              "--config.training.checkpoint_every=2"]
-    proc = run_main([f"--workdir={workdir}", *flags])
+    proc = run_main([f"--workdir={workdir}", *flags], process=True)  # the exit path that silences orbax's threads
     line = last_error_line(proc)
     assert proc.returncode == 2 and line.startswith(f"error: saving a checkpoint in {workdir / 'checkpoints'} failed"), (
         proc.returncode, proc.stderr[-3000:])
@@ -488,6 +506,6 @@ def test_disk_full_at_save_time_and_a_read_only_workdir(trainer, fake_config, tm
     assert named and complete and int(named.group(1)) == complete[-1] < 8, (line, complete)
     assert complete[-1] in _restore_all(trainer, str(workdir)), os.listdir(workdir / "checkpoints")
     read_only = small_filesystem(64, read_only=True)
-    proc = run_main([f"--workdir={read_only / 'run'}", *flags])
+    proc = run_main([f"--workdir={read_only / 'run'}", *flags], process=True)
     assert proc.returncode == 2 and "Read-only file system" in last_error_line(proc), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

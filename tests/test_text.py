@@ -230,6 +230,7 @@ ROUND_TRIP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.process("transformers reads HF_HUB_OFFLINE at import: a fresh interpreter")
 def test_save_pretrained_round_trip_offline(tiny, tmp_path):
     encoder, params, encode = tiny
     save_dir = tmp_path / "text_encoder"

@@ -1,5 +1,6 @@
 """Training: overfitting, resume = straight run, sharded layouts = one device, two processes = one, errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,10 +62,25 @@ def test_resume_equals_straight_run(trainer, fake_config, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory, run_worker):
-    out = tmp_path_factory.mktemp("layouts") / "out.npz"
-    run_worker(["layouts", out], devices=8)
-    return dict(np.load(out))
+def layouts(multi_device, trainer):
+    """The U-Net's layouts on 4 devices (tests/train_worker.py), beside their one-device reference: the same steps on
+    the same batches by the session's Trainer (the tiny config on one device), and the 4-device checkpoint restored
+    onto it and trained one step further."""
+    from diffjax.checkpoints import Checkpointer
+    from train_worker import STEPS, batches, run_mesh
+
+    out = dict(np.load(os.path.join(multi_device, "layouts_unet.npz")))
+    _, state, _ = run_mesh(None, None, trainer=trainer)
+    out["one_device"] = flat(state.params)
+    ckpt = Checkpointer.existing(os.path.join(multi_device, "ckpt"))
+    restored, data_state, cfg = ckpt.restore(trainer.restore_target())
+    ckpt.close()
+    out["restored_1"] = flat(restored.params)
+    out["restored_1_devices"] = len(jax.tree_util.tree_leaves(restored.params)[0].sharding.device_set)
+    out["restored_data_state"], out["restored_config_batch"] = data_state["next_index"], cfg["training"]["batch_size"]
+    continued, _ = trainer.step(restored, trainer.shard_batch(batches(trainer, STEPS + 1)[-1]))
+    out["continued_1"] = flat(continued.params)
+    return out
 
 
 def _close(a, b, lr=1e-2, max_steps_of_lr=0.05):
@@ -77,23 +93,24 @@ def _close(a, b, lr=1e-2, max_steps_of_lr=0.05):
     assert diff.max() <= max_steps_of_lr * lr, diff.max()
 
 
-def test_eight_devices_data_and_fsdp_match_one_device(layouts):
+def test_four_devices_data_and_fsdp_match_one_device(layouts):
     ref = layouts["one_device"]
     assert float(np.max(np.abs(ref))) > 0
-    for key in ("data8", "data4_fsdp2", "pmap"):
+    for key in ("data", "data_fsdp", "pmap"):
         _close(layouts[key], ref)
     assert int(layouts["fsdp_sharded_leaves"]) > 0  # the fsdp layout really splits parameters
     assert bool(layouts["pmap_replicas_equal"])
 
 
 def test_checkpoint_restores_onto_another_device_count(layouts):
-    np.testing.assert_array_equal(layouts["restored_1"], layouts["data8"])
-    np.testing.assert_array_equal(layouts["restored_fsdp"], layouts["data8"])
+    np.testing.assert_array_equal(layouts["restored_1"], layouts["data"])
+    np.testing.assert_array_equal(layouts["restored_fsdp"], layouts["data"])
     assert int(layouts["restored_1_devices"]) == 1
     assert int(layouts["restored_data_state"]) == 3 and int(layouts["restored_config_batch"]) == 8
-    _close(layouts["continued_1"], layouts["continued_8"])
+    _close(layouts["continued_1"], layouts["continued_n"])
 
 
+@pytest.mark.process("two jax.distributed processes are the property")
 def test_two_processes_train_together_like_one(layouts, tmp_path, subprocess_env):
     """Two local processes (gloo collectives, 2 CPU devices each) each feed half of every global batch."""
     port, out = free_port(), tmp_path / "two.npz"
@@ -107,7 +124,8 @@ def test_two_processes_train_together_like_one(layouts, tmp_path, subprocess_env
     _close(res["params"], layouts["one_device"])
 
 
-def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path, run_main, last_error_line):
+def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path, run_main, last_error_line,
+                                                         multi_device):
     tiny = "--config=experiments/configs/tiny.py"
     data = [f"--config.data.manual_dir={fake_config.data.manual_dir}", f"--config.data.data_dir={fake_config.data.data_dir}"]
     proc = run_main([tiny, f"--workdir={tmp_path}/a", "--config.training.bach_size=3"])
@@ -116,12 +134,14 @@ def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path, r
                   f"--config.data.data_dir={tmp_path}/fresh_tfds"])
     line = last_error_line(proc)
     assert line.startswith("error:") and "nowhere" in line and "Traceback" not in proc.stderr
-    proc = run_main([tiny, f"--workdir={tmp_path}/c", "--config.training.batch_size=12", *data], devices=8)
-    assert last_error_line(proc) == "error: training.batch_size=12 is not divisible by the number of devices (8)"
+    with open(os.path.join(multi_device, "cli.json")) as f:  # run on 4 devices by tests/train_worker.py
+        proc = subprocess.CompletedProcess([], **json.load(f), stdout="")
+    assert last_error_line(proc) == "error: training.batch_size=6 is not divisible by the number of devices (4)"
     proc = run_main([tiny, f"--workdir={tmp_path}/d", "--config.diffusion.schedule=cosin", *data])
     assert "diffusion.schedule='cosin'" in last_error_line(proc)
-    for d in "abcd":
+    for d in "abd":
         assert not (tmp_path / d / "checkpoints").exists()
+    assert not os.path.exists(os.path.join(multi_device, "cli", "checkpoints"))
 
 
 @pytest.mark.parametrize("name", ["tiny", "fashion_mnist", "fashion_mnist_long", "fashion_mnist_dit", "cifar10",

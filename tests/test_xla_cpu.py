@@ -35,6 +35,7 @@ def _run(mode, **env):
     return proc.stdout.split()[-3:]
 
 
+@pytest.mark.process("XLA reads its flags once, when its backend starts")
 def test_flag_moves_convolutions_out_of_ynnpack_only_before_the_backend_starts():
     assert _run("early") == ["True", "ynnpack", "False"]  # set in time: XLA's own convolution
     assert _run("late") == ["False", "ynnpack", "True"]  # too late: reported, nothing changed
@@ -108,6 +109,7 @@ print("faults", (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 4)
 """
 
 
+@pytest.mark.process("the allocator of a process is chosen when it starts")
 @pytest.mark.skipif(not sys.platform.startswith("linux") or xla_cpu.tcmalloc_path() is None,
                     reason="tcmalloc is not installed (Debian: libtcmalloc-minimal4)")
 def test_exec_with_tcmalloc_restarts_once_and_the_calls_stop_faulting_in_their_temporaries():
@@ -187,6 +189,7 @@ def test_gradient_norm_concatenates_only_replicated_cpu_arrays():
     assert xla_cpu.norm_concat_below("gpu", 1) == 0 and xla_cpu.norm_concat_below("tpu", 1) == 0
 
 
+@pytest.mark.trains("a remat config's step, compiled")
 def test_trainer_compiles_its_step_with_remat_barriers_kept(fake_config):
     """The step of a remat U-Net keeps its barriers through XLA:CPU's compilation (the options above are the
     Trainer's), and its gradient norm concatenates the small gradients (replicated parameters on the CPU)."""
