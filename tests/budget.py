@@ -88,6 +88,11 @@ class Budget:
 
         train.Trainer.__init__ = counting_trainer
         subprocess.Popen.__init__ = counting_popen
+        self._restore = lambda: (setattr(train.Trainer, "__init__", trainer_init),
+                                 setattr(subprocess.Popen, "__init__", popen_init))
+
+    def pytest_unconfigure(self, config):
+        self._restore()
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_fixture_setup(self, fixturedef, request):
@@ -172,12 +177,13 @@ class Budget:
         tr.section("time budget")
         for line in self.table(int(self.config.getoption("budget_top"))):
             tr.write_line(line)
-        over = sorted((nodeid, r[0]) for nodeid, r in self.rows.items() if r[0] > CEILING_S)
+        ceiling = float(self.config.getoption("budget_ceiling"))
+        over = sorted((nodeid, r[0]) for nodeid, r in self.rows.items() if r[0] > ceiling)
         tr.write_line(f"wall {wall / 60:.1f} min of the {BUDGET_S / 60:.0f} min budget; tests {tests / 60:.1f} min "
                       f"(summed over workers), of which compile {compile_s / 60:.1f} min and subprocess CPU "
                       f"{proc_s / 60:.1f} min")
         for nodeid, seconds in over:
-            tr.write_line(f"over the {CEILING_S:.0f} s per-test ceiling: {nodeid} ({seconds:.0f} s)", yellow=True)
+            tr.write_line(f"over the {ceiling:g} s per-test ceiling: {nodeid} ({seconds:.0f} s)", yellow=True)
         if wall > BUDGET_S:
             tr.write_line(f"the suite took {wall / 60:.1f} min, over its {BUDGET_S / 60:.0f} min budget", red=True)
         path = self.config.getoption("budget_report")
@@ -194,3 +200,5 @@ def add_options(parser):
     group.addoption("--budget-report", default=None, help="write every test's wall, compile and subprocess time "
                     "to this Markdown file (and a .json beside it)")
     group.addoption("--budget-top", default=30, type=int, help="how many of the slowest tests the summary lists")
+    group.addoption("--budget-ceiling", default=CEILING_S, type=float, help="list every test slower than this "
+                    "many seconds by name")
