@@ -5,7 +5,7 @@
 
 *layers*: the weight gradient alone (``jax.vjp`` of the convolution w.r.t. the kernel, jitted) for the 3x3
 stride-1 convolutions of the fashion_mnist U-Net at batch 64 (28x28: 24 and 48 channels, the up path's
-concatenated inputs; 14x14; 7x7), XLA's transposed convolution vs :func:`diffjax.models.unet.banded_conv`'s
+concatenated inputs; 14x14; 7x7), XLA's transposed convolution vs :func:`diffjax.models.cpu_kernels.banded_conv`'s
 sum over bands of ~7 output rows. *step*: the demo config's whole jitted ``Trainer.step`` (forward,
 backward, Adam, EMA) with ``conv_impl="xla"`` vs ``"banded"``, one synthetic batch on the device.
 The two variants alternate (rounds) so that drifting machine load hits both alike; medians are reported
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import xla_cpu
-from diffjax.models.unet import banded_conv
+from diffjax.models.cpu_kernels import banded_conv
 
 XLA_CONVOLUTIONS = xla_cpu.use_xla_convolutions()  # as the command line runs (DIFFJAX_XLA_CPU_CONVOLUTIONS=off: not)
 

@@ -28,7 +28,7 @@ def run(preset: str, args) -> list[tuple[int, float]]:
     from experiments.configs import default, load_config
 
     from diffjax.data import make_dataset
-    from diffjax.models.unet import count_params
+    from diffjax.models.layers import count_params
     from diffjax.train import Trainer
 
     config = load_config("experiments/configs/fashion_mnist_dit.py")

@@ -220,7 +220,7 @@ def main():
             for kind, fns in jobs.items():
                 for framework, fn in fns.items():
                     results[kind][framework].append(timed(fn))
-        from diffjax.models.unet import count_params
+        from diffjax.models.layers import count_params
 
         unet_params = count_params(pipe.denoiser_params)
         print(f"{jax.devices()[0].device_kind} ({jax.devices()[0].platform}); jax {jax.__version__}, torch "

@@ -138,7 +138,7 @@ class Text2Image:
         in float16, which is why diffusers upcasts it). The compiled programs are not shared (they depend on the
         dtype)."""
         from diffjax.models.factory import cast_floating, in_dtype
-        from diffjax.models.unet import canonical_dtype
+        from diffjax.models.layers import canonical_dtype
 
         name = canonical_dtype(dtype, "dtype")
         vae_name = "float32" if name == "float16" else name

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffjax.models.autoencoder import AutoencoderKL, DiagonalGaussian, decode_latents, encode_latents, vae_preset
-from diffjax.models.unet import count_params
+from diffjax.models.layers import count_params
 
 
 @pytest.fixture(scope="module")

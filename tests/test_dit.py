@@ -10,7 +10,7 @@ import pytest
 
 from diffjax import xla_cpu
 from diffjax.models.dit import DIT_PRESETS, DiT, DiTConfig, dit_preset, patchify, sincos_pos_embed_2d, unpatchify
-from diffjax.models.unet import count_params
+from diffjax.models.layers import count_params
 
 B, L = 2, 6
 

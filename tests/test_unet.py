@@ -9,7 +9,8 @@ import pytest
 
 from diffjax import xla_cpu
 from diffjax.models import PRESETS, UNet, UNetConfig, count_params, timestep_embedding, unet_preset
-from diffjax.models.unet import GroupNorm, banded_conv
+from diffjax.models.cpu_kernels import banded_conv
+from diffjax.models.layers import GroupNorm
 
 B, H, L = 2, 16, 6
 

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models.unet import CONV_IMPLS, GroupNorm, PresetConfig, canonical_dtype, conv_layer, upsample_nearest
+from diffjax.models.layers import CONV_IMPLS, GroupNorm, PresetConfig, canonical_dtype, conv_layer, upsample_nearest
 
 __all__ = ["VAEConfig", "AutoencoderKL", "DiagonalGaussian", "vae_preset", "VAE_PRESETS"]
 

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models.unet import conv_general_dilated
+from diffjax.models.layers import conv_general_dilated
 
 
 class ImageClassifier(nn.Module):

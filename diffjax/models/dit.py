@@ -26,7 +26,7 @@ positions ``i · base_grid_size / grid_size`` (PixArt-α's ``base_size``): a mod
 
 Numerics are the U-Net's: float32 parameters, projections and attention products in ``cfg.dtype``, LayerNorm
 statistics, attention logits and softmax in float32, float32 output. Attention goes through
-``diffjax.models.unet.Attention`` (``jax.nn.dot_product_attention``, or its einsum form on the CPU where that
+``diffjax.models.layers.Attention`` (``jax.nn.dot_product_attention``, or its einsum form on the CPU where that
 is faster; see ``attention_impl``).
 """
 
@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.models.unet import (ATTENTION_IMPLS, REMAT_POLICIES, Attention, PresetConfig, canonical_dtype,
-                                 check_denoiser_inputs, timestep_embedding)
+from diffjax.models.layers import (ATTENTION_IMPLS, REMAT_POLICIES, Attention, PresetConfig, canonical_dtype,
+                                   check_denoiser_inputs, timestep_embedding)
 
 __all__ = ["DiTConfig", "DiT", "dit_preset", "DIT_PRESETS", "sincos_pos_embed_2d"]
 

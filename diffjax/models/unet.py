@@ -35,77 +35,32 @@ The architecture hyper-parameters live in the frozen dataclass :class:`UNetConfi
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import flax.linen as nn
 
-from diffjax import xla_cpu
+from diffjax.models.layers import (ATTENTION_IMPLS, CONV_IMPLS, REMAT_POLICIES, GEGLU, Attention, GroupNorm,
+                                    PresetConfig, canonical_dtype, check_denoiser_inputs, conv_layer,
+                                    timestep_embedding, upsample_nearest)
 
 __all__ = [
     "UNetConfig",
     "UNet",
     "unet_preset",
     "PRESETS",
-    "count_params",
     "dummy_inputs",
-    "timestep_embedding",
 ]
 
 Array = jax.Array
 
 _ATTENTION_TYPES = ("transformer", "self")
-ATTENTION_IMPLS = (None, "dpa", "xla", "cudnn", "einsum")
-CONV_IMPLS = (None, "xla", "banded")
-REMAT_POLICIES = (
-    "everything_saveable",
-    "nothing_saveable",
-    "dots_saveable",
-    "checkpoint_dots",
-    "dots_with_no_batch_dims_saveable",
-    "checkpoint_dots_with_no_batch_dims",
-)
 
 
 # --------------------------------------------------------------------------------------------------
 # Configuration and presets
 # --------------------------------------------------------------------------------------------------
-
-
-def canonical_dtype(value: Any, field: str) -> str:
-    try:
-        name = jnp.dtype(value).name
-    except TypeError as e:
-        raise ValueError(f"UNetConfig.{field}: not a dtype: {value!r}") from e
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"UNetConfig.{field} must be float32, bfloat16 or float16, got {name}")
-    return name
-
-
-class PresetConfig:
-    """What the network configs share (``UNetConfig``, ``DiTConfig``, ``VAEConfig``): named presets, a dict of
-    field overrides per name (``_PRESETS`` of the class's module, ``_KIND`` naming it in errors), and ``replace``."""
-
-    _KIND = "network"
-
-    @classmethod
-    def _presets(cls) -> dict:
-        raise NotImplementedError
-
-    @classmethod
-    def preset(cls, name: str, **overrides):
-        """The named preset, with optional field overrides; an unknown name raises ValueError listing the valid ones."""
-        presets = cls._presets()
-        if name not in presets:
-            raise ValueError(f"unknown {cls._KIND} preset {name!r}; valid presets: {', '.join(presets)}")
-        return cls(**{**presets[name], **overrides})
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,12 +102,13 @@ class UNetConfig(PresetConfig):
         with JAX's choice of implementation; ``"xla"`` / ``"cudnn"``: ``jax.nn.dot_product_attention``
         with that ``implementation=`` (cuDNN needs bfloat16/float16 compute and gets the text mask as key
         lengths, so padding must come after the real tokens, as CLIP tokenizers produce it);
-        ``"einsum"``: the same math as two einsums (faster on CPU, see ``_einsum_attention``);
+        ``"einsum"``: the same math as two einsums (faster on CPU, see ``diffjax.models.layers.Attention``);
         ``None`` (auto): ``"einsum"`` on the CPU backend, ``"dpa"`` elsewhere.
       conv_impl: how the weight gradients of the stride-1 convolutions are computed (the forward pass and
         the input gradients are XLA's convolutions either way). ``"xla"``: XLA's own transposed
         convolution; ``"banded"``: the same sum split into bands of ~7 output rows (see
-        :func:`banded_conv`), up to 8x faster with XLA:CPU's default (YNNPACK) convolutions; ``None`` (auto):
+        :func:`diffjax.models.cpu_kernels.banded_conv`), up to 8x faster with XLA:CPU's default (YNNPACK)
+        convolutions; ``None`` (auto):
         ``"banded"`` on the CPU backend with YNNPACK's convolutions, ``"xla"`` elsewhere, and on the CPU
         with XLA's own convolution kernels (:mod:`diffjax.xla_cpu`: there XLA's weight gradient is the faster).
       gelu_approximate: the GEGLU feed-forward's GELU in its tanh approximation (True) or exact (False, as
@@ -335,212 +291,9 @@ def unet_preset(name: str, **overrides) -> UNetConfig:
     return UNetConfig.preset(name, **overrides)
 
 
-def count_params(params) -> int:
-    """Number of scalars in a parameter pytree (arrays or ``jax.ShapeDtypeStruct`` leaves)."""
-    return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
-
-
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-
-
-def timestep_embedding(
-    t: Array,
-    dim: int,
-    *,
-    flip_sin_to_cos: bool = True,
-    freq_shift: float = 0.0,
-    max_period: float = 10000.0,
-) -> Array:
-    r"""Sinusoidal embedding of (possibly fractional) timesteps, in float32.
-
-    With ``half = dim // 2`` and frequencies
-
-    .. math::  \omega_i = \exp\!\big(-\ln(P) \cdot i / (\text{half} - s)\big),\quad i = 0, \dots,
-               \text{half}-1,\quad P = \text{max\_period},\ s = \text{freq\_shift},
-
-    the embedding is ``[sin(t ω), cos(t ω)]`` (DDPM, Ho et al. 2020, which uses ``freq_shift=1``; the
-    Transformer position encoding of Vaswani et al. 2017) or ``[cos(t ω), sin(t ω)]`` with
-    ``flip_sin_to_cos=True`` (the ADM / Stable Diffusion order, ``freq_shift=0``). An odd ``dim`` is padded
-    with one zero.
-    """
-    t = jnp.asarray(t, jnp.float32)
-    half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-    args = t[:, None] * jnp.exp(exponent)[None, :]
-    sin, cos = jnp.sin(args), jnp.cos(args)
-    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
-
-
-class GroupNorm(nn.Module):
-    r"""Group normalisation (Wu & He 2018) with float32 statistics, optionally fused with SiLU.
-
-    For each sample and each of ``num_groups`` channel groups g, over its positions and channels,
-
-    .. math::  \mu_g = E[x],\quad \sigma_g^2 = \max(E[x^2] - \mu_g^2, 0),\quad
-               y = (x - \mu_g)\,/\sqrt{\sigma_g^2 + \epsilon}\cdot \gamma + \beta
-
-    (the one-pass variance, as Flax's GroupNorm computes it by default). The normalisation is folded
-    into one per-(sample, channel) affine map ``y = x a + b`` (one pass over x forward and backward),
-    computed in float32 and cast to ``dtype``. The moments are summed over positions first, per channel, and
-    then over each group's channels: one reduction over both axes of the (B, P, G, C/G) view is what XLA:CPU
-    runs 2-5x slower (the whole normalisation at 32×32×64, batch 32: 9.5 -> 1.9 ms forward, 10.7 -> 4.8 ms
-    with its gradient; the suite's sampler 1.047x and train step 1.043x faster; jax 0.10.2, 2-core CPU).
-    """
-
-    num_groups: int
-    epsilon: float = 1e-5
-    act: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        b, c = x.shape[0], x.shape[-1]
-        g = self.num_groups
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        xr = xf.reshape(b, -1, c)
-        n = xr.shape[1] * (c // g)  # elements per group
-
-        def group_mean(v):  # (B, P, C) -> (B, G): positions first (contiguous rows of C), then each group's channels
-            return jnp.sum(v, axis=1).reshape(b, g, c // g).sum(-1) / n
-
-        mean = group_mean(xr)
-        var = jnp.maximum(group_mean(jnp.square(xr)) - jnp.square(mean), 0.0)
-        inv = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), c // g, axis=-1)  # (B, C)
-        a = inv * scale.astype(jnp.float32)
-        shift = bias.astype(jnp.float32) - jnp.repeat(mean, c // g, axis=-1) * a
-        y = xf * a.reshape(b, *([1] * (x.ndim - 2)), c) + shift.reshape(b, *([1] * (x.ndim - 2)), c)
-        if self.act:
-            y = nn.silu(y)
-        return y.astype(self.dtype)
-
-
-_BAND_ROWS = 7  # output rows per band of banded_conv's weight gradient
-
-
-def _conv_nhwc(x, w, padding, precision=None):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def banded_conv(x: Array, w: Array, padding: tuple, precision=None) -> Array:
-    r"""Stride-1 NHWC/HWIO convolution whose weight gradient is summed over bands of output rows.
-
-    The forward pass is XLA's convolution; :math:`\partial L/\partial x` is the forward convolution of the
-    output gradient with the kernel flipped in space and transposed in its channels (padding ``k - 1 - p``), the
-    same numbers as XLA's transposed convolution. Written out because inside a while loop (a sampler's
-    ``lax.scan`` taking ``∇_x`` at every step, as alignment guidance does) XLA:CPU folds that kernel transpose
-    into the convolution's dimension labels (``01oi``) and lowers it to a generic convolution, ~40x slower than
-    the fused one it emits outside loops (``benchmarks/alignment_cost.py``'s probe). The weight gradient
-
-    .. math:: \frac{\partial L}{\partial w_{ijcd}} = \sum_{b,h,w} x^{\mathrm{pad}}_{b,h+i,w+j,c}\,
-              g_{b,h,w,d}
-
-    is split over bands of ~``_BAND_ROWS`` output rows ``h``, each band's term being the weight gradient of
-    the convolution of its rows (plus the ``kh - 1`` halo rows) with no vertical padding. The sum is the
-    same; only the summation order differs. Why: XLA:CPU lowers the weight gradient to a convolution
-    whose window is the whole B x H x W output, and that is up to 20x slower than the forward pass for
-    some shapes (e.g. 48 -> 48 channels at 28 x 28, batch 64: 560 ms vs 29 ms, jax 0.10 on 2 cores);
-    bands of 7 rows bring it to 70 ms. The batch dimension is left whole, so a batch sharded across
-    devices stays sharded. ``benchmarks/conv_grad.py`` measures it.
-    """
-    return _conv_nhwc(x, w, padding, precision)
-
-
-def _banded_conv_fwd(x, w, padding, precision):
-    return _conv_nhwc(x, w, padding, precision), (x, w)
-
-
-def _banded_conv_bwd(padding, precision, res, g):
-    x, w = res
-    dx = _conv_input_grad(g, w, padding, precision, x)
-    (top, bottom), horizontal = padding
-    kh, rows = w.shape[0], g.shape[1]
-    xp = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
-    n = max(1, round(rows / _BAND_ROWS))
-    edges = [round(k * rows / n) for k in range(n + 1)]
-    acc = jnp.promote_types(w.dtype, jnp.float32)  # the bands' partial sums, added in at least float32
-    dw = jnp.zeros(w.shape, acc)
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        band = xp[:, r0:r1 + kh - 1]
-        part = jax.vjp(lambda w_: _conv_nhwc(band, w_, ((0, 0), horizontal), precision), w)[1](g[:, r0:r1])[0]
-        dw = dw + part.astype(acc)
-    return dx, dw.astype(w.dtype)
-
-
-banded_conv.defvjp(_banded_conv_fwd, _banded_conv_bwd)
-
-
-def _conv_input_grad(g, w, padding, precision, x):
-    """∂L/∂x of the stride-1 convolution ``_conv_nhwc(x, w, padding)`` given its output gradient ``g``:
-    ``g`` convolved with ``w`` flipped in space, input and output channels swapped, padded ``k - 1 - p``."""
-    (kh, kw), ((top, bottom), (left, right)) = w.shape[:2], padding
-    pad = ((kh - 1 - top, kh - 1 - bottom), (kw - 1 - left, kw - 1 - right))
-    if min(v for pair in pad for v in pair) < 0:  # padding wider than the kernel: XLA's own transpose
-        return jax.vjp(lambda x_: _conv_nhwc(x_, w, padding, precision), x)[1](g)[0]
-    return _conv_nhwc(g, jnp.transpose(w[::-1, ::-1], (0, 1, 3, 2)), pad, precision).astype(x.dtype)
-
-
-def conv_general_dilated(impl: Optional[str] = None):
-    """A ``conv_general_dilated`` for ``nn.Conv``: :func:`banded_conv` for the stride-1, undilated,
-    ungrouped NHWC convolutions when ``impl`` (``UNetConfig.conv_impl``) asks for it, XLA's otherwise."""
-    if impl is None:  # auto
-        impl = "banded" if jax.default_backend() == "cpu" and not xla_cpu.convolutions_from_xla() else "xla"
-
-    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-             feature_group_count=1, batch_group_count=1, precision=None, preferred_element_type=None):
-        plain = (
-            impl == "banded" and lhs.ndim == 4 and rhs.shape[0] > 1 and tuple(window_strides) == (1, 1)
-            and not isinstance(padding, str) and all(p >= 0 for pair in padding for p in pair)
-            and feature_group_count == 1 and batch_group_count == 1
-            and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-            and preferred_element_type is None and dimension_numbers is not None
-            and tuple(dimension_numbers) == tuple(jax.lax.conv_dimension_numbers(
-                lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
-        )
-        if plain:
-            return banded_conv(lhs, rhs, tuple(tuple(int(v) for v in p) for p in padding), precision)
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-            batch_group_count=batch_group_count, precision=precision,
-            preferred_element_type=preferred_element_type,
-        )
-
-    return conv
-
-
-def conv_layer(features, kernel=3, stride=1, zero=False, dtype=jnp.float32, param_dtype=jnp.float32, name=None,
-               impl=None) -> nn.Conv:
-    """A square ``kernel`` × ``kernel`` NHWC convolution with "same" padding (kernel // 2 each side), LeCun-normal
-    or zero-initialised (``zero``), its weight gradient by ``conv_impl`` ``impl`` (see :func:`banded_conv`)."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        kernel_init=nn.initializers.zeros if zero else nn.initializers.lecun_normal(),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        conv_general_dilated=conv_general_dilated(impl),
-        name=name,
-    )
-
-
-def upsample_nearest(x: Array) -> Array:
-    """Nearest-neighbour 2x upsampling of NHWC ``x``."""
-    b, h, w, c = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
-    return x.reshape(b, 2 * h, 2 * w, c)
 
 
 def _avg_pool2(x: Array) -> Array:
@@ -627,109 +380,6 @@ class ResBlock(nn.Module):
         if x.shape[-1] != self.out_channels:
             x = conv_layer(self.out_channels, kernel=1, name="skip", **ckw)(x)
         return x + h
-
-
-def _einsum_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d)) v as two einsums on (B, T, N, D) tensors; logits and softmax in float32.
-
-    The same computation as the XLA path of ``jax.nn.dot_product_attention``, without that path's ``vmap``
-    over query groups, whose batching rules add transposes and copies of the (B, N, T, S) logits (measured
-    in jax 0.10.2 on CPU: 3 copies + 2 transposes of the logits per attention in a training step). q, k and
-    v are moved to (B, N, T, D) first, so both products are batched over (B, N) with the contracted axis
-    last or second to last: written on (B, T, N, D) directly, the second product's output came out of
-    XLA:CPU laid out (B, N, D, T) and had to be transposed back, which made the matched U-Net's forward pass
-    1.29x slower (forward at batch 32, 2-core CPU, jax 0.10.2; the backward pass unchanged). Masked logits
-    get the same finite large negative value, so a row without real tokens gives no NaN."""
-    q = (q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)).transpose(0, 2, 1, 3)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("bntd,bnsd->bnts", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :], logits, 0.7 * float(jnp.finfo(jnp.float32).min))
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bnsd->bntd", probs, v).transpose(0, 2, 1, 3)
-
-
-def _dpa(q, k, v, mask, impl):
-    """Attention on (B, T, N, D) tensors; ``mask`` (B, S) bool or None. See ``UNetConfig.attention_impl``.
-
-    A row without any real token attends uniformly to its (finite) padding -- no NaN; the caller zeroes
-    that row's contribution."""
-    if impl is None:  # auto
-        impl = "einsum" if jax.default_backend() == "cpu" else "dpa"
-    if impl == "einsum":
-        return _einsum_attention(q, k, v, mask)
-    implementation = None if impl == "dpa" else impl
-    if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    if impl == "cudnn":
-        lengths = jnp.maximum(jnp.sum(mask, axis=-1, dtype=jnp.int32), 1)
-        return jax.nn.dot_product_attention(
-            q, k, v, key_value_seq_lengths=lengths, implementation=implementation
-        )
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], implementation=implementation)
-
-
-class Attention(nn.Module):
-    r"""Multi-head attention ``softmax(Q K^T / sqrt(d)) V`` (Vaswani et al. 2017).
-
-    Self-attention when ``context`` is None, cross-attention otherwise (queries from ``x``, keys and
-    values from ``context``). The q/k/v projections have no bias (``qkv_bias``), the output projection
-    has. ``mask`` (B, S) marks the real context tokens. The projections produce (B, T, heads, head_dim)
-    tensors, the layout of ``jax.nn.dot_product_attention``, which computes the product (and picks the
-    platform's fused kernel, e.g. ``impl="cudnn"``) except on CPU, where the equivalent einsum form is
-    faster (``UNetConfig.attention_impl``). Logits and softmax are in float32.
-    """
-
-    num_heads: int
-    head_dim: int
-    out_features: int
-    zero_out: bool = False
-    out_bias: bool = True
-    qkv_bias: bool = False
-    impl: Optional[str] = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, context=None, mask=None, any_real=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, t, _ = x.shape
-        n, d = self.num_heads, self.head_dim
-        src = x if context is None else context.astype(self.dtype)
-        proj = dict(use_bias=self.qkv_bias, **kw)
-        # Three projections (one fused QKV matmul would need slices of its output, which cost more on
-        # CPU than they save), reshaped to (B, T, heads, head_dim) at no cost.
-        q = nn.Dense(n * d, name="q", **proj)(x).reshape(b, t, n, d)
-        k = nn.Dense(n * d, name="k", **proj)(src).reshape(b, src.shape[1], n, d)
-        v = nn.Dense(n * d, name="v", **proj)(src).reshape(b, src.shape[1], n, d)
-        o = _dpa(q, k, v, mask, self.impl).reshape(b, t, n * d)
-        init = nn.initializers.zeros if self.zero_out else nn.initializers.lecun_normal()
-        o = nn.Dense(self.out_features, use_bias=self.out_bias, kernel_init=init, name="out", **kw)(o)
-        if any_real is not None:
-            # No real token in a sample: its cross-attention contributes exactly nothing (as with no text).
-            o = jnp.where(any_real[:, None, None], o, jnp.zeros((), o.dtype))
-        return o
-
-
-class GEGLU(nn.Module):
-    r"""Gated feed-forward ``W_2 (x W + b ⊙ GELU(x V + c))`` (Shazeer 2020, "GLU Variants Improve
-    Transformer"), hidden width ``mult * dim``; GELU in its tanh approximation, or exact (``approximate=False``,
-    as diffusers' Stable Diffusion U-Net computes it)."""
-
-    dim: int
-    mult: int = 4
-    approximate: bool = True
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        hidden = self.mult * self.dim
-        # W and V as two matmuls (not one of width 2*hidden split in two: the slices cost more on CPU).
-        a = nn.Dense(hidden, name="proj_value", **kw)(x)
-        gate = nn.Dense(hidden, name="proj_gate", **kw)(x)
-        return nn.Dense(self.dim, name="proj_out", **kw)(a * nn.gelu(gate, approximate=self.approximate))
 
 
 class TransformerBlock(nn.Module):
@@ -832,38 +482,6 @@ class SelfAttentionBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # The U-Net
 # --------------------------------------------------------------------------------------------------
-
-
-def check_denoiser_inputs(cfg, x, t, text_states, text_mask, pooled, labels, size_what: str) -> None:
-    """One-line ValueErrors for denoiser inputs that do not fit ``cfg`` (a UNetConfig or DiTConfig): x_t NHWC with
-    H and W multiples of ``cfg.size_multiple`` (``size_what`` says why) and ``in_channels`` channels, t a scalar
-    or (B,), text states (B, L, context_dim) with a (B, L) mask, pooled (B, pooled_dim), labels."""
-    if x.ndim != 4:
-        raise ValueError(f"x_t must be NHWC (B, H, W, C), got shape {x.shape}")
-    b, hh, ww, c = x.shape
-    if hh % cfg.size_multiple or ww % cfg.size_multiple:
-        raise ValueError(f"image size {hh}x{ww} is not divisible by {size_what}")
-    if c != cfg.in_channels:
-        raise ValueError(f"x_t has {c} channels but config.in_channels is {cfg.in_channels}")
-    if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] not in (1, b)):
-        raise ValueError(f"t must be a scalar or have shape ({b},), got {jnp.shape(t)}")
-    if text_states is not None:
-        if cfg.context_dim is None:
-            raise ValueError("text_states given but config.context_dim is None (no cross-attention)")
-        if text_states.ndim != 3 or text_states.shape[0] != b:
-            raise ValueError(f"text_states must be (B={b}, L, D), got shape {text_states.shape}")
-        if text_states.shape[-1] != cfg.context_dim:
-            raise ValueError(f"text_states last dim {text_states.shape[-1]} != config.context_dim {cfg.context_dim}")
-        if text_mask is not None and tuple(text_mask.shape) != tuple(text_states.shape[:2]):
-            raise ValueError(f"text_mask shape {tuple(text_mask.shape)} != text_states (B, L) "
-                             f"{tuple(text_states.shape[:2])}")
-    if pooled is not None:
-        if cfg.pooled_dim is None:
-            raise ValueError("pooled given but config.pooled_dim is None")
-        if pooled.shape != (b, cfg.pooled_dim):
-            raise ValueError(f"pooled must have shape ({b}, {cfg.pooled_dim}), got {pooled.shape}")
-    if labels is not None and cfg.num_classes is None:
-        raise ValueError("labels given but config.num_classes is None")
 
 
 class UNet(nn.Module):
