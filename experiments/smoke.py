@@ -9,7 +9,7 @@ taken over the images of the prompted class (conditional) or over all of them (u
 sampling must therefore reproduce images of the prompted class; the run writes one PNG grid per sampler
 (rows: classes, columns: seeds) and prints the fraction of samples nearest to an image of their class.
 
-    python -m experiments.smoke --workdir=runs/demo
+    python -m experiments.smoke                      # writes runs/smoke/samples_*.png
 """
 
 import argparse
@@ -68,7 +68,7 @@ def posterior_mean_denoiser(images: np.ndarray, labels: np.ndarray, schedule: sc
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--workdir", default="runs/smoke")  # its own folder, not the trained demo's
     parser.add_argument("--num_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--seeds", type=int, default=6)
