@@ -49,6 +49,7 @@ import html
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import re
 import tempfile
@@ -93,6 +94,19 @@ TEXT_ENCODER_SIZES: dict[str, dict[str, int]] = {
     "base": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
     "large": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
 }
+
+# transformers 4.x logs, when it builds its first Flax model, that its TensorFlow and JAX classes are deprecated and
+# will be removed in v5. diffjax pins transformers < 5 and builds only FlaxCLIPTextModel / FlaxCLIPModel, which
+# every 4.x release keeps, so the line tells a diffjax user nothing: it is dropped (that message only).
+FLAX_DEPRECATION = "TensorFlow and JAX classes are deprecated"
+
+
+class _DropFlaxDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(FLAX_DEPRECATION)
+
+
+logging.getLogger("transformers.modeling_flax_utils").addFilter(_DropFlaxDeprecation())
 
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # as in OpenAI's simple_tokenizer: merges[1 : 49152 - 256 - 2 + 1]

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -300,3 +301,23 @@ def test_from_pretrained_pytorch_weights(tiny, tmp_path):
     pt_model.save_pretrained(tmp_path / "st", safe_serialization=True)
     _, st_params = text.TextEncoder.from_pretrained(tmp_path / "st")
     jax.tree_util.tree_map(np.testing.assert_array_equal, st_params, params)
+
+
+def test_transformers_flax_deprecation_line_is_dropped_and_nothing_else():
+    import inspect
+
+    from transformers.modeling_flax_utils import FlaxPreTrainedModel
+
+    # The line diffjax drops is the one this transformers logs when it builds a Flax model.
+    assert text.FLAX_DEPRECATION in inspect.getsource(FlaxPreTrainedModel.__init__)
+    log = logging.getLogger("transformers.modeling_flax_utils")  # transformers' loggers do not propagate to root
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    log.addHandler(handler)
+    try:
+        log.warning(text.FLAX_DEPRECATION + " and will be removed in Transformers v5.")
+        log.warning("another warning of transformers")
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["another warning of transformers"]
