@@ -21,6 +21,7 @@ environment configures them (see ``diffjax.sharding.initialize_distributed``).
 """
 
 import json
+import logging as std_logging
 import math
 import os
 import sys
@@ -136,7 +137,7 @@ def train(config) -> None:
         _fail(e)
     from diffjax import loop
 
-    logging.info("config:\n%s", config)
+    logging.debug("config (shown with --verbosity=1):\n%s", config)
     try:
         loop.train(trainer, FLAGS.workdir)
     except (loop.RunError, OSError) as e:  # a diverged run, a busy or unwritable workdir, unreadable checkpoints
@@ -352,12 +353,30 @@ def convert() -> None:
     print(f"converted {FLAGS.diffusers} to {path}")
 
 
+class _QuietOrbax(std_logging.Filter):
+    """orbax logs its bookkeeping at INFO (about 15 lines per checkpoint: its managers, handlers, each save's
+    phases). The command line shows them with ``--verbosity=1`` (absl's debug level, as the config dump), not by
+    default; orbax's warnings and errors always."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return (record.levelno >= std_logging.WARNING or logging.get_verbosity() >= logging.DEBUG
+                or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
+def quiet_dependency_logs() -> None:
+    """Install :class:`_QuietOrbax` on absl's logger (once), through which orbax logs."""
+    absl_logger = std_logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
+        absl_logger.addFilter(_QuietOrbax())
+
+
 def _dispatch(argv) -> None:
     if len(argv) > 1:
         _fail(ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)"))
     from diffjax import sharding, xla_cpu
 
     xla_cpu.use_xla_convolutions()  # before JAX's backend starts; see diffjax/xla_cpu.py
+    quiet_dependency_logs()
     logging.info("memory allocator: %s", xla_cpu.malloc_in_use())
     enable_compilation_cache()
 

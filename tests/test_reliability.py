@@ -186,11 +186,15 @@ def test_preemption_checkpoints_exits_zero_and_resumes_bitwise(sig, fake_config,
     # Resume for 3 more steps; an uninterrupted run to the same step gives bitwise the same parameters.
     steps = stopped_at + 3
     flags.append(f"--config.training.num_steps={steps}")
-    proc = run_main([f"--workdir={run}", *flags])
+    proc = run_main([f"--workdir={run}", *flags, "--verbosity=0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # At INFO, diffjax's lines without orbax's bookkeeping and the config dump; --verbosity=1 shows those too.
+    assert f"resumed from step {stopped_at}" in proc.stderr and f"step {steps}: loss" in proc.stderr
+    assert "CheckpointManager" not in proc.stderr and "config (shown" not in proc.stderr, proc.stderr
     straight = tmp_path / "straight"
-    proc = run_main([f"--workdir={straight}", *flags])
+    proc = run_main([f"--workdir={straight}", *flags, "--verbosity=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CheckpointManager created" in proc.stderr and "config (shown with --verbosity=1):" in proc.stderr
     parts = ("params", "ema_params", "opt_state", "rng", "guard")
     resumed, direct = (_restore_all(trainer, str(w), parts)[steps] for w in (run, straight))
     for part in parts:
