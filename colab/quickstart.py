@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     name: python3
@@ -48,6 +50,7 @@ if IN_COLAB:
 sys.path.insert(0, os.getcwd())  # experiments/ (the configs) lives beside the package
 
 # %%
+import diffjax  # first: its XLA settings and compilation cache apply from the first array on
 import jax
 
 print("jax", jax.__version__, "| backend:", jax.default_backend(), "|", jax.device_count(), "devices:", jax.devices())

@@ -48,6 +48,7 @@ if IN_COLAB:
     os.chdir("diffjax")
 sys.path.insert(0, os.getcwd())
 
+import diffjax  # first: its XLA settings and compilation cache apply from the first array on
 import jax
 
 print("backend:", jax.default_backend(), "| devices:", jax.devices())

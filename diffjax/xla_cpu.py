@@ -12,7 +12,7 @@ With XLA's kernels the weight gradients of convolutions are no longer slow eithe
 ``conv_impl`` follows :func:`convolutions_from_xla` (XLA's own transposed convolution instead of the bands).
 
 XLA reads ``$XLA_FLAGS`` once, when JAX's first backend starts (the first array or compilation), not at
-``import jax``: :func:`use_xla_convolutions` must run before that, as ``experiments/main.py`` does first thing.
+``import jax``: :func:`use_xla_convolutions` must run before that, as importing diffjax does (diffjax/runtime.py).
 Its effect is process-wide (every CPU program compiled afterwards) and inherited by subprocesses.
 
 The memory allocator. XLA:CPU allocates each call's temporaries with ``malloc`` and frees them at the call's end;

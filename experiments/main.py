@@ -325,21 +325,6 @@ def export() -> None:
     print(f"exported step {pipe.step} of {FLAGS.workdir} to {path}")
 
 
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs on disk (JAX's persistent compilation cache), so that a run that compiles what
-    an earlier one compiled (a resumed run, sampling the same model again) skips the compilation. The directory is
-    ``$JAX_COMPILATION_CACHE_DIR`` when set (JAX reads it itself), else ``$DIFFJAX_COMPILATION_CACHE``, else
-    ``~/.cache/diffjax/jax``; ``DIFFJAX_COMPILATION_CACHE=off`` turns it off."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    where = os.environ.get("DIFFJAX_COMPILATION_CACHE", os.path.join("~", ".cache", "diffjax", "jax"))
-    if where.lower() in ("", "off", "0", "none"):
-        return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(where))
-
-
 def convert() -> None:
     from diffjax.pipeline import Text2Image
 
@@ -373,12 +358,11 @@ def quiet_dependency_logs() -> None:
 def _dispatch(argv) -> None:
     if len(argv) > 1:
         _fail(ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)"))
-    from diffjax import sharding, xla_cpu
+    from diffjax import runtime, sharding, xla_cpu
 
-    xla_cpu.use_xla_convolutions()  # before JAX's backend starts; see diffjax/xla_cpu.py
+    runtime.configure()  # done when diffjax was imported; again, in case the environment changed since (tests)
     quiet_dependency_logs()
     logging.info("memory allocator: %s", xla_cpu.malloc_in_use())
-    enable_compilation_cache()
 
     if FLAGS.model and FLAGS.mode not in ("sample", "eval"):
         _fail(ValueError(f"--model is for --mode=sample or --mode=eval, not --mode={FLAGS.mode}"))

@@ -14,32 +14,40 @@ from diffjax import xla_cpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
-import sys
+import os, sys
 import jax, jax.numpy as jnp
-from diffjax import xla_cpu
 if sys.argv[1] == "late":
     jnp.zeros(3).block_until_ready()  # the backend starts: XLA has read its flags
-print("applied", xla_cpu.use_xla_convolutions())
+from diffjax import xla_cpu  # importing diffjax sets the flag when it can (diffjax.runtime)
+print("applied", xla_cpu.convolutions_from_xla(), xla_cpu.use_xla_convolutions())
 conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")))
 hlo = conv.lower(jnp.zeros((32, 32, 32, 64)), jnp.zeros((3, 3, 64, 64))).compile().as_text()
 print("ynnpack", "__ynn_fusion" in hlo)
+print("cache", jax.config.jax_compilation_cache_dir)  # also set when diffjax is imported (diffjax.runtime)
 """
 
 
 def _run(mode, **env):
-    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV)}
+    base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.ENV, "JAX_COMPILATION_CACHE_DIR")}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], env={**base, "PYTHONPATH": ROOT, **env},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout.split()[-3:]
+    return proc.stdout.split()[-6:]
 
 
 @pytest.mark.process("XLA reads its flags once, when its backend starts")
-def test_flag_moves_convolutions_out_of_ynnpack_only_before_the_backend_starts():
-    assert _run("early") == ["True", "ynnpack", "False"]  # set in time: XLA's own convolution
-    assert _run("late") == ["False", "ynnpack", "True"]  # too late: reported, nothing changed
-    assert _run("early", **{xla_cpu.ENV: "off"}) == ["False", "ynnpack", "True"]  # the opt-out
+def test_importing_diffjax_moves_convolutions_out_of_ynnpack_before_the_backend_starts_and_caches_programs(tmp_path):
+    cache = str(tmp_path / "cache")
+    # Set at import, in time: XLA's own convolution; the compilation cache where DIFFJAX_COMPILATION_CACHE says.
+    assert _run("early", DIFFJAX_COMPILATION_CACHE=cache) == ["True", "True", "ynnpack", "False", "cache", cache]
+    # Too late (the backend started before diffjax was imported): reported, nothing changed. A cache directory
+    # the user chose stands.
+    assert _run("late", JAX_COMPILATION_CACHE_DIR=cache + "2") == ["False", "False", "ynnpack", "True", "cache",
+                                                                   cache + "2"]
+    # The opt-outs.
+    assert _run("early", **{xla_cpu.ENV: "off", "DIFFJAX_COMPILATION_CACHE": "off"}) == [
+        "False", "False", "ynnpack", "True", "cache", "None"]
 
 
 def test_a_users_own_setting_stands(monkeypatch):
