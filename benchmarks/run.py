@@ -61,6 +61,9 @@ SAMPLE_JOBS = ("diffjax Text2Image", "diffjax sampler", "diffusers-flax sample",
                "pytorch sample", "pytorch+compile sample")
 # Several JAX processes share an accelerator during a run: none may take 75% of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Compile times are measured cold: no persistent compilation cache in the driver, its workers and probes
+# (importing diffjax would otherwise turn one on, diffjax/runtime.py); run_probe's cache_dir sets one explicitly.
+os.environ.setdefault("DIFFJAX_COMPILATION_CACHE", "off")
 TAG = "@@suite "  # prefix of the worker's protocol lines on its stdout (libraries may print there too)
 
 
@@ -320,7 +323,7 @@ def _fashion_pipeline(tr):
 
 
 def run_probe(kind: str, arg: str, spec, cache_dir: str | None = None) -> dict:
-    env = dict(os.environ)
+    env = dict(os.environ, DIFFJAX_COMPILATION_CACHE="off")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if cache_dir:
         env["JAX_COMPILATION_CACHE_DIR"] = cache_dir

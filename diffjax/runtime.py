@@ -14,6 +14,7 @@ be started with ``LD_PRELOAD=$(python -c 'from diffjax import xla_cpu; print(xla
 """
 
 import os
+import sys
 
 from diffjax import xla_cpu
 
@@ -24,19 +25,23 @@ OFF = ("", "off", "0", "none", "false", "no")
 def enable_compilation_cache() -> str | None:
     """Keep compiled XLA programs on disk (JAX's persistent compilation cache); returns the directory in force.
 
-    A directory the user chose stands: ``$JAX_COMPILATION_CACHE_DIR`` (JAX reads it itself) or a
-    ``jax_compilation_cache_dir`` set in ``jax.config`` before. Otherwise ``$DIFFJAX_COMPILATION_CACHE``, else
-    ``~/.cache/diffjax/jax``; ``DIFFJAX_COMPILATION_CACHE=off`` turns it off (returns None)."""
-    import jax
-
-    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+    A directory the user chose stands: ``$JAX_COMPILATION_CACHE_DIR`` or a ``jax_compilation_cache_dir`` set in
+    ``jax.config`` before. Otherwise ``$DIFFJAX_COMPILATION_CACHE``, else ``~/.cache/diffjax/jax``;
+    ``DIFFJAX_COMPILATION_CACHE=off`` turns it off (returns None). Before jax is imported this sets
+    ``$JAX_COMPILATION_CACHE_DIR``, which jax reads when it is imported (so ``import diffjax`` does not import jax,
+    and the processes this one starts share the cache); after, ``jax.config``."""
+    jax = sys.modules.get("jax")
+    chosen = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (jax is not None and jax.config.jax_compilation_cache_dir)
     if chosen:
         return chosen
     where = os.environ.get("DIFFJAX_COMPILATION_CACHE", DEFAULT_CACHE)
     if where.lower() in OFF:
         return None
     where = os.path.expanduser(where)
-    jax.config.update("jax_compilation_cache_dir", where)
+    if jax is None:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = where
+    else:
+        jax.config.update("jax_compilation_cache_dir", where)
     return where
 
 

@@ -14,11 +14,14 @@ from diffjax import xla_cpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
-import os, sys
-import jax, jax.numpy as jnp
+import sys
+if sys.argv[1] != "first":  # "first": diffjax is imported before jax
+    import jax
 if sys.argv[1] == "late":
-    jnp.zeros(3).block_until_ready()  # the backend starts: XLA has read its flags
+    jax.numpy.zeros(3).block_until_ready()  # the backend starts: XLA has read its flags
 from diffjax import xla_cpu  # importing diffjax sets the flag when it can (diffjax.runtime)
+assert sys.argv[1] != "first" or "jax" not in sys.modules  # and does not import jax
+import jax, jax.numpy as jnp
 print("applied", xla_cpu.convolutions_from_xla(), xla_cpu.use_xla_convolutions())
 conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")))
@@ -39,8 +42,10 @@ def _run(mode, **env):
 @pytest.mark.process("XLA reads its flags once, when its backend starts")
 def test_importing_diffjax_moves_convolutions_out_of_ynnpack_before_the_backend_starts_and_caches_programs(tmp_path):
     cache = str(tmp_path / "cache")
-    # Set at import, in time: XLA's own convolution; the compilation cache where DIFFJAX_COMPILATION_CACHE says.
-    assert _run("early", DIFFJAX_COMPILATION_CACHE=cache) == ["True", "True", "ynnpack", "False", "cache", cache]
+    # Set at import, in time: XLA's own convolution; the compilation cache where DIFFJAX_COMPILATION_CACHE says,
+    # whether jax was imported before diffjax or after.
+    for mode in ("first", "early"):
+        assert _run(mode, DIFFJAX_COMPILATION_CACHE=cache) == ["True", "True", "ynnpack", "False", "cache", cache]
     # Too late (the backend started before diffjax was imported): reported, nothing changed. A cache directory
     # the user chose stands.
     assert _run("late", JAX_COMPILATION_CACHE_DIR=cache + "2") == ["False", "False", "ynnpack", "True", "cache",
