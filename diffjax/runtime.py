@@ -19,7 +19,7 @@ import sys
 from diffjax import xla_cpu
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "diffjax", "jax")
-OFF = ("", "off", "0", "none", "false", "no")
+OFF = (*xla_cpu.OFF, "", "none")  # the values of $DIFFJAX_COMPILATION_CACHE that turn it off
 
 
 def enable_compilation_cache() -> str | None:

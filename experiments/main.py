@@ -358,9 +358,8 @@ def quiet_dependency_logs() -> None:
 def _dispatch(argv) -> None:
     if len(argv) > 1:
         _fail(ValueError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)"))
-    from diffjax import runtime, sharding, xla_cpu
+    from diffjax import sharding, xla_cpu  # importing diffjax made its process settings (diffjax/runtime.py)
 
-    runtime.configure()  # done when diffjax was imported; again, in case the environment changed since (tests)
     quiet_dependency_logs()
     logging.info("memory allocator: %s", xla_cpu.malloc_in_use())
 

@@ -46,7 +46,7 @@ if os.environ.get("DIFFJAX_TEST_LLVM_OPT", "0") != "default" and "--xla_backend_
 import pytest  # noqa: E402
 
 import budget  # noqa: E402
-from fakes import write_fake_fashion_mnist  # noqa: E402
+from fakes import run_main_in_process, write_fake_fashion_mnist  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -96,29 +96,6 @@ def subprocess_env():
     return _subprocess_env
 
 
-def _main_in_process(args) -> subprocess.CompletedProcess:
-    """``experiments.main.run(args)`` with its stdout, stderr and log records captured, as a CompletedProcess."""
-    import contextlib
-    import io
-    import logging
-
-    from experiments import main
-
-    out, err = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(err)
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main.run(list(args))
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-    return subprocess.CompletedProcess(["experiments.main", *args], code, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture(scope="session")
 def run_main():
     """``run_main(args, devices=1, process=False)``: the command line ``experiments.main ARGS``, output captured, as
@@ -129,7 +106,7 @@ def run_main():
 
     def run(args, devices=1, process=False, timeout=600):
         if not process and devices == 1:
-            return _main_in_process(args)
+            return run_main_in_process(args)
         return subprocess.run([sys.executable, "-m", "experiments.main", *args], env=_subprocess_env(devices),
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 

@@ -1,6 +1,7 @@
 """Small stand-ins for real data and trained models, shared by the tests and tests/train_worker.py."""
 
 import os
+import subprocess
 
 import jax
 import numpy as np
@@ -128,3 +129,27 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_main_in_process(args) -> subprocess.CompletedProcess:
+    """``experiments.main.run(args)`` in this process, with its stdout, stderr and log records captured, as a
+    CompletedProcess (conftest.py's ``run_main`` and tests/train_worker.py use it)."""
+    import contextlib
+    import io
+    import logging
+
+    from experiments import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main.run(list(args))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["experiments.main", *args], code, out.getvalue(), err.getvalue())

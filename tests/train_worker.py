@@ -162,21 +162,16 @@ def export(directory, trainer, state):
 def command_line(out_path, manual_dir, data_dir):
     """The command line's one-line error for a global batch that the devices do not divide (in this process:
     experiments.main.run), on the fake Fashion-MNIST (IDX files in ``manual_dir``, prepared in ``data_dir``)."""
-    import contextlib
-    import io
     import json
 
-    from experiments import main
+    from fakes import run_main_in_process
 
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        here = os.path.dirname(out_path)
-        code = main.run(["--config=experiments/configs/tiny.py", f"--workdir={here}/cli",
-                         f"--config.data.manual_dir={manual_dir}", f"--config.data.data_dir={data_dir}",
-                         "--config.training.batch_size=6"])
+    here = os.path.dirname(out_path)
+    proc = run_main_in_process(["--config=experiments/configs/tiny.py", f"--workdir={here}/cli",
+                                f"--config.data.manual_dir={manual_dir}", f"--config.data.data_dir={data_dir}",
+                                "--config.training.batch_size=6"])
     with open(out_path, "w") as f:
-        json.dump({"returncode": code, "stderr": err.getvalue()}, f)
-
+        json.dump({"returncode": proc.returncode, "stderr": proc.stderr}, f)
 
 def load_exported(directory):
     """On this process's devices: images from the model folder and from the training checkpoint."""
