@@ -6,7 +6,7 @@
     python benchmarks/sd_pipeline.py --width 320 --resolution 512 --dtype bfloat16 --sample-batch 4 --train-batch 8
 
 Both frameworks get the same randomly initialised networks (diffusers' ``UNet2DConditionModel``, ``AutoencoderKL``
-and a CLIP ViT-L/14-sized text transformer, converted to diffjax with ``diffjax.convert``: no download), the same
+and a CLIP ViT-L/14-sized text transformer, converted to diffjax with ``diffjax.diffusers_format``: no download), the same
 scheduler (DPM-Solver++(2M), leading spacing) and the same work:
 
 * sampling images/s: prompts → text encoding → ``--steps`` guided U-Net steps → decoded images

@@ -133,7 +133,8 @@ print(f"held-out loss (EMA parameters): {initial_eval_loss:.4f} at init -> {fina
 # ## Sample with classifier-free guidance
 
 # %%
-from diffjax.pipeline import Text2Image, image_grid
+from diffjax.pipeline import Text2Image
+from diffjax.pixels import image_grid
 
 pipe = Text2Image(trainer.models, state.ema_params["unet"], state.text_params(ema=True), trainer.image_shape,
                   sampler=config.sampling.sampler, num_steps=config.sampling.num_steps,

@@ -167,7 +167,8 @@ print(f"held-out loss: {loss_init:.4f} untrained -> {loss_trained:.4f} after {in
 # %%
 import matplotlib.pyplot as plt
 
-from diffjax.pipeline import Text2Image, image_grid
+from diffjax.pipeline import Text2Image
+from diffjax.pixels import image_grid
 
 pipe = Text2Image.from_checkpoint(workdir)
 prompts = [p for p in config.sampling.prompts.split("|") for _ in range(4)]

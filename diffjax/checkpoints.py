@@ -10,17 +10,27 @@ Saving is asynchronous (training continues while the arrays are written) and ato
 temporary directory and renames it when complete, so an interrupted save never replaces the last good
 checkpoint. ``restore`` takes an abstract target whose leaves carry shardings: that is how a checkpoint
 written on one mesh or device count is read back onto another.
+
+Damage (a truncated, zeroed or missing file) is told apart from other failures (a config that no longer matches
+the checkpoint) by :func:`damage`; :func:`restore_latest` resumes from the newest readable checkpoint and sets the
+damaged ones aside. :func:`read_model_params` knows where a saved TrainState keeps each network's parameters, and
+reads only those (sampling needs no optimizer state).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
+import re
+import shutil
+import time
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def _encode_data_state(data_state: Any) -> Any:
@@ -33,6 +43,10 @@ def _decode_data_state(data_state: Any) -> Any:
     if isinstance(data_state, dict) and set(data_state) == {"__bytes__"}:
         return base64.b64decode(data_state["__bytes__"])
     return data_state
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored; the message is one line naming the step, the file and what is left."""
 
 
 class Checkpointer:
@@ -123,6 +137,109 @@ class Checkpointer:
         self.manager.close()
 
 
+# The saved TrainState's fields (diffjax.train.TrainState) that hold model parameters: the trained ones, their
+# exponential moving average, and the frozen ones.
+TRAINED, EMA, FROZEN = "params", "ema_params", "frozen"
+
+
+def split_trained(model_params: dict, text_trainable: bool) -> tuple[dict, dict]:
+    """(trained, frozen): a model's parameter trees (``{component, "text"[, "vae"][, "alignment"]}``, e.g.
+    ``Models.abstract_params()``) split as a TrainState keeps them: the denoiser, the alignment heads and a trained
+    text encoder under ``params`` / ``ema_params``, a frozen text encoder and the autoencoder under ``frozen``."""
+    is_frozen = {"vae": True, "text": not text_trainable}
+    trained = {k: v for k, v in model_params.items() if not is_frozen.get(k, False)}
+    return trained, {k: v for k, v in model_params.items() if k not in trained}
+
+
+def read_model_params(ckpt: "Checkpointer", step: int, trained: Optional[dict], frozen: dict,
+                      use_ema: bool = True) -> dict:
+    """The model parameter trees named in ``trained`` (from the EMA parameters, or the raw ones unless ``use_ema``;
+    None: none of them) and ``frozen`` (:func:`split_trained`; leaves ``jax.ShapeDtypeStruct`` with the target
+    shardings) of the TrainState saved at ``step``, as one dict. Only those arrays are read (no optimizer state)."""
+    which = EMA if use_ema else TRAINED
+    target = {name: tree for name, tree in ((which, trained), (FROZEN, frozen)) if tree}
+    restored = ckpt.restore_subtree(target, step) if target else {}
+    return {**restored.get(which, {}), **restored.get(FROZEN, {})}
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """``jax.ShapeDtypeStruct`` leaves carrying the given shardings, as a restore target."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Damaged checkpoints.
+# ------------------------------------------------------------------------------------------------------
+
+
+_REQUIRED_FILES = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"), os.path.join("state", "manifest.ocdbt"))
+_TS_PATH = re.compile(r"'path': '([^']*)'")
+
+
+def damage(error: BaseException, step_dir: str) -> Optional[str]:
+    """Where a checkpoint's files are damaged: a missing or empty file of ``step_dir``, or the array that
+    tensorstore failed to read (ocdbt packs many arrays per data file). None when the files look whole and the
+    error is something else (a config that no longer matches the checkpoint, memory, storage)."""
+    for name in _REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(step_dir, name)):
+            return f"{os.path.join(step_dir, name)} is missing"
+    for root, _, files in os.walk(step_dir):
+        for f in sorted(files):
+            if os.path.getsize(os.path.join(root, f)) == 0 and f != "commit_success.txt":
+                return f"{os.path.join(root, f)} is empty"
+    paths = _TS_PATH.findall(str(error))
+    if len(paths) >= 2:
+        return f"{paths[0]} cannot give the array {paths[-1].rstrip('/')} ({type(error).__name__})"
+    return None
+
+
+def restore_latest(ckpt: Checkpointer, target, workdir: str, policy: str):
+    """(state, data state) of the newest readable checkpoint, or None when the run has none (a fresh start).
+
+    A newest checkpoint whose files are damaged raises RunError naming the step and the file (``policy="fail"``),
+    or (``"fallback"``) is moved to WORKDIR/corrupt_checkpoints once an older one was read, and the run resumes
+    from that one. Nothing is moved when no checkpoint can be read, and a checkpoint that fails for another reason
+    (a config that no longer matches it) stops the run: neither case may end in a fresh start over old work.
+    Directories of an interrupted save are reported and ignored."""
+    partial = sorted(d for d in os.listdir(ckpt.directory) if ".orbax-checkpoint-tmp" in d)
+    if partial:
+        logging.warning("ignoring %d partial checkpoint(s) of an interrupted save in %s: %s", len(partial),
+                        ckpt.directory, ", ".join(partial))
+    corrupt_dir = os.path.join(workdir, "corrupt_checkpoints")
+    if not ckpt.steps():
+        if os.path.isdir(corrupt_dir) and os.listdir(corrupt_dir):
+            raise CheckpointError(f"{ckpt.directory} has no checkpoint but {corrupt_dir} has unreadable ones: not "
+                           f"starting afresh over them; move them away to start a new run in this workdir")
+        return None
+    damaged = []  # (step, step_dir, where), newest first
+    for step in reversed(ckpt.steps()):
+        step_dir = os.path.join(ckpt.directory, str(step))
+        try:
+            state, data_state, _ = ckpt.restore(target, step)
+        except Exception as e:  # orbax and tensorstore raise many types for damaged files
+            where = damage(e, step_dir)
+            if where is None:
+                raise CheckpointError(f"checkpoint step {step} in {ckpt.directory} cannot be restored into this run's "
+                               f"state ({type(e).__name__}: {' '.join(str(e).split())[:200]}); its files look "
+                               f"whole: was the config changed?") from None
+            if policy != "fallback":
+                raise CheckpointError(f"checkpoint step {step} cannot be read: {where} (with "
+                               f"--config.training.on_corrupt_checkpoint=fallback the run resumes from the newest "
+                               f"readable checkpoint)") from None
+            logging.warning("checkpoint step %d cannot be read (%s); trying the previous one", step, where)
+            damaged.append((step, step_dir, where))
+            continue
+        if damaged and jax.process_index() == 0:
+            for bad, bad_dir, where in damaged:
+                aside = os.path.join(corrupt_dir, f"step_{bad}_{time.strftime('%Y%m%d-%H%M%S')}")
+                os.makedirs(corrupt_dir, exist_ok=True)
+                shutil.move(bad_dir, aside)
+                logging.warning("moved the unreadable checkpoint step %d to %s (%s)", bad, aside, where)
+        if damaged:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("diffjax: unreadable checkpoints moved")
+            ckpt.reload()
+        return state, data_state
+    first = damaged[0]
+    raise CheckpointError(f"no checkpoint in {ckpt.directory} can be read (the newest, step {first[0]}: {first[2]}); "
+                   f"nothing was moved")

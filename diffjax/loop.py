@@ -35,8 +35,6 @@ import dataclasses
 import fcntl
 import logging
 import os
-import re
-import shutil
 import signal
 import socket
 import threading
@@ -46,7 +44,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from diffjax import pipeline, posthoc_ema
+from diffjax import pipeline, pixels, posthoc_ema
+from diffjax import checkpoints
 from diffjax.checkpoints import Checkpointer
 from diffjax.train import Trainer, TrainState
 
@@ -108,81 +107,6 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-_REQUIRED_FILES = ("_CHECKPOINT_METADATA", os.path.join("state", "_METADATA"), os.path.join("state", "manifest.ocdbt"))
-_TS_PATH = re.compile(r"'path': '([^']*)'")
-
-
-def _damage(error: BaseException, step_dir: str) -> Optional[str]:
-    """Where a checkpoint's files are damaged: a missing or empty file of ``step_dir``, or the array that
-    tensorstore failed to read (ocdbt packs many arrays per data file). None when the files look whole and the
-    error is something else (a config that no longer matches the checkpoint, memory, storage)."""
-    for name in _REQUIRED_FILES:
-        if not os.path.isfile(os.path.join(step_dir, name)):
-            return f"{os.path.join(step_dir, name)} is missing"
-    for root, _, files in os.walk(step_dir):
-        for f in sorted(files):
-            if os.path.getsize(os.path.join(root, f)) == 0 and f != "commit_success.txt":
-                return f"{os.path.join(root, f)} is empty"
-    paths = _TS_PATH.findall(str(error))
-    if len(paths) >= 2:
-        return f"{paths[0]} cannot give the array {paths[-1].rstrip('/')} ({type(error).__name__})"
-    return None
-
-
-def restore_latest(ckpt: Checkpointer, target, workdir: str, policy: str):
-    """(state, data state) of the newest readable checkpoint, or None when the run has none (a fresh start).
-
-    A newest checkpoint whose files are damaged raises RunError naming the step and the file (``policy="fail"``),
-    or (``"fallback"``) is moved to WORKDIR/corrupt_checkpoints once an older one was read, and the run resumes
-    from that one. Nothing is moved when no checkpoint can be read, and a checkpoint that fails for another reason
-    (a config that no longer matches it) stops the run: neither case may end in a fresh start over old work.
-    Directories of an interrupted save are reported and ignored."""
-    partial = sorted(d for d in os.listdir(ckpt.directory) if ".orbax-checkpoint-tmp" in d)
-    if partial:
-        logging.warning("ignoring %d partial checkpoint(s) of an interrupted save in %s: %s", len(partial),
-                        ckpt.directory, ", ".join(partial))
-    corrupt_dir = os.path.join(workdir, "corrupt_checkpoints")
-    if not ckpt.steps():
-        if os.path.isdir(corrupt_dir) and os.listdir(corrupt_dir):
-            raise RunError(f"{ckpt.directory} has no checkpoint but {corrupt_dir} has unreadable ones: not "
-                           f"starting afresh over them; move them away to start a new run in this workdir")
-        return None
-    damaged = []  # (step, step_dir, where), newest first
-    for step in reversed(ckpt.steps()):
-        step_dir = os.path.join(ckpt.directory, str(step))
-        try:
-            state, data_state, _ = ckpt.restore(target, step)
-        except Exception as e:  # orbax and tensorstore raise many types for damaged files
-            where = _damage(e, step_dir)
-            if where is None:
-                raise RunError(f"checkpoint step {step} in {ckpt.directory} cannot be restored into this run's "
-                               f"state ({type(e).__name__}: {' '.join(str(e).split())[:200]}); its files look "
-                               f"whole: was the config changed?") from None
-            if policy != "fallback":
-                raise RunError(f"checkpoint step {step} cannot be read: {where} (with "
-                               f"--config.training.on_corrupt_checkpoint=fallback the run resumes from the newest "
-                               f"readable checkpoint)") from None
-            logging.warning("checkpoint step %d cannot be read (%s); trying the previous one", step, where)
-            damaged.append((step, step_dir, where))
-            continue
-        if damaged and jax.process_index() == 0:
-            for bad, bad_dir, where in damaged:
-                aside = os.path.join(corrupt_dir, f"step_{bad}_{time.strftime('%Y%m%d-%H%M%S')}")
-                os.makedirs(corrupt_dir, exist_ok=True)
-                shutil.move(bad_dir, aside)
-                logging.warning("moved the unreadable checkpoint step %d to %s (%s)", bad, aside, where)
-        if damaged:
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
-                multihost_utils.sync_global_devices("diffjax: unreadable checkpoints moved")
-            ckpt.reload()
-        return state, data_state
-    first = damaged[0]
-    raise RunError(f"no checkpoint in {ckpt.directory} can be read (the newest, step {first[0]}: {first[2]}); "
-                   f"nothing was moved")
 
 
 def check_guard(guard: dict, step: int, policy: str, max_consecutive: int, last_checkpoint: Optional[int],
@@ -324,7 +248,10 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
     data_kw = dict(global_batch_size=tc.batch_size, process_index=jax.process_index(),
                    process_count=jax.process_count(), latent_encoder=trainer.latent_encoder())
     train_it = make_dataset(cfg.data, enc, split=cfg.data.train_split, seed=cfg.seed, **data_kw)
-    restored = restore_latest(ckpt, trainer.restore_target(), workdir, tc.on_corrupt_checkpoint)
+    try:
+        restored = checkpoints.restore_latest(ckpt, trainer.restore_target(), workdir, tc.on_corrupt_checkpoint)
+    except checkpoints.CheckpointError as e:
+        raise RunError(str(e)) from None
     if restored is not None:
         state, data_state = restored
         if data_state:
@@ -342,12 +269,12 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
     # The run's sampling settings; alignment guidance follows the run's heads (a config.alignment.clip_model is
     # for sampling and evaluation after training, not loaded here).
     heads = trainer.models.alignment is not None
-    sampler = pipeline.Text2Image(trainer.models, None, None, trainer.image_shape, sampler=sc.sampler,
-                                  num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                                  timestep_spacing=sc.timestep_spacing, mesh=trainer.mesh,
-                                  guidance_schedule=sc.get("guidance_schedule", "constant"),
-                                  guidance_interval=pipeline.check_guidance_interval(sc.get("guidance_interval", "")),
-                                  alignment_guidance_scale=cfg.alignment.guidance_scale if heads else 0.0)
+    grid_pipe = pipeline.Text2Image(trainer.models, None, None, trainer.image_shape, sampler=sc.sampler,
+                                    num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
+                                    timestep_spacing=sc.timestep_spacing, mesh=trainer.mesh,
+                                    guidance_schedule=sc.get("guidance_schedule", "constant"),
+                                    guidance_interval=pipeline.check_guidance_interval(sc.get("guidance_interval", "")),
+                                    alignment_guidance_scale=cfg.alignment.guidance_scale if heads else 0.0)
     bar = None
     if lead and tc.progress_bar:
         from tqdm import tqdm
@@ -381,13 +308,13 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
         writer.write_scalars(step, {"eval/loss": float(jnp.mean(jnp.stack(vals)))})
 
     def write_samples(step):
-        pipe = sampler.with_params(state.ema_params[trainer.models.component], state.text_params(ema=True),
+        pipe = grid_pipe.with_params(state.ema_params[trainer.models.component], state.text_params(ema=True),
                                    state.frozen.get("vae"), state.ema_params.get("alignment"))
         images = pipe.generate([p for p in prompts for _ in range(sc.images_per_prompt)], seed=cfg.seed + 1)
         if lead:
-            grid = pipeline.image_grid(images, rows=len(prompts))
+            grid = pixels.image_grid(images, rows=len(prompts))
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            pipeline.save_image(grid, os.path.join(workdir, "samples", f"step_{step:06d}.png"), scale=2)
+            pixels.save_image(grid, os.path.join(workdir, "samples", f"step_{step:06d}.png"), scale=2)
             writer.write_image(step, "samples", grid)
 
     actions = [Periodic(tc.log_every, log_metrics, last), Periodic(tc.eval_every, evaluate, last, at_end=False),

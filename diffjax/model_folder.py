@@ -39,9 +39,12 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
 from diffjax.models import factory
-from diffjax.models.alignment import heads_from_config
+from diffjax.models.autoencoder import AutoencoderKL, VAEConfig
 from diffjax.text import TextEncoder
 
 FORMAT = "diffjax.Text2Image"
@@ -63,15 +66,14 @@ def _host(tree: Any) -> Any:
 
     def one(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
 
     return jax.tree_util.tree_map(one, tree)
 
 
-def _is_model_folder(directory: str) -> bool:
+def is_model_folder(directory: str) -> bool:
+    """Whether ``directory`` holds a diffjax model folder (its ``model_index.json`` names this format)."""
     try:
         with open(os.path.join(directory, INDEX)) as f:
             return json.load(f).get("_class_name") == FORMAT
@@ -114,7 +116,7 @@ def save(pipe, directory: str) -> str:
     takes part in gathering sharded parameters and process 0 writes."""
     directory = os.path.abspath(os.path.expanduser(directory))
     if os.path.exists(directory) and not (os.path.isdir(directory) and (
-            not os.listdir(directory) or _is_model_folder(directory))):
+            not os.listdir(directory) or is_model_folder(directory))):
         raise FileExistsError(f"{directory} exists and is not an empty directory or a diffjax model folder; not "
                               f"overwriting it")
     trees = {pipe.models.component: _host(pipe.denoiser_params), TEXT_ENCODER: _host(pipe.text_params)}
@@ -130,15 +132,11 @@ def save(pipe, directory: str) -> str:
     if jax.process_index() == 0:
         _write(pipe, directory, trees)
     if jax.process_count() > 1:  # nobody reports success before the folder is in place
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("diffjax: model folder written")
     return directory
 
 
 def _write(pipe, directory: str, trees: dict) -> None:
-    from safetensors.numpy import save_file
-
     parent = os.path.dirname(directory)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -244,9 +242,6 @@ def load(directory: str, place: Optional[Callable[[Any], Any]] = None,
     """(models, {component: ..., "text": ...[, "vae": ...][, "alignment": ...]}, image_shape, sampling defaults) of
     the model folder at ``directory``. ``place`` maps the parameters' abstract tree to the same tree with target
     shardings (None: numpy arrays on the host); ``with_params=False`` reads the configs only (params ``{}``)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     directory = os.path.abspath(os.path.expanduser(directory))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no model folder at {directory}")
@@ -305,31 +300,9 @@ def load(directory: str, place: Optional[Callable[[Any], Any]] = None,
     return models, params, tuple(shape), defaults
 
 
-# ------------------------------------------------------------------------------------------------------
-# Pretrained models for an experiment: a diffjax model folder or a diffusers pipeline.
-# ------------------------------------------------------------------------------------------------------
-
-
-def load_any(path: str, with_params: bool = True) -> tuple[factory.Models, dict, tuple, dict]:
-    """:func:`load` of a diffjax model folder, or ``diffjax.convert.load_diffusers`` of a diffusers pipeline
-    folder or Hugging Face Hub id: (models, numpy parameters, image shape, sampling defaults)."""
-    from diffjax import convert
-
-    if _is_model_folder(os.path.expanduser(path)):
-        return load(os.path.expanduser(path), with_params=with_params)
-    return convert.load_diffusers(path, with_params=with_params)
-
-
-def load_autoencoder(path: str, with_params: bool = True):
-    """(AutoencoderKL, numpy parameters or None) of the ``vae/`` of a diffjax model folder or a diffusers
-    pipeline (folder or Hub id)."""
-    from diffjax import convert
-    from diffjax.models.autoencoder import AutoencoderKL, VAEConfig
-
-    directory = os.path.expanduser(path)
-    if not _is_model_folder(directory):
-        cfg, params = convert.load_diffusers_vae(path, with_params=with_params)
-        return AutoencoderKL(cfg), params
+def load_vae(directory: str, with_params: bool = True) -> tuple[AutoencoderKL, Optional[dict]]:
+    """(AutoencoderKL computing in float32, numpy float32 parameters or None) of the model folder's ``vae/``: the
+    frozen autoencoder of a latent model trained from scratch (``config.model.autoencoder``)."""
     fields = _read_json(directory, os.path.join(VAE, NETWORK_CONFIG))
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(VAEConfig)})
     if unknown:
@@ -337,8 +310,6 @@ def load_autoencoder(path: str, with_params: bool = True):
     vae = AutoencoderKL(VAEConfig(**{**fields, "dtype": "float32", "param_dtype": "float32"}))  # frozen, float32
     if not with_params:
         return vae, None
-    from safetensors.numpy import load_file
-
     params_path = os.path.join(directory, VAE, NETWORK_PARAMS)
     if not os.path.isfile(params_path):
         raise FileNotFoundError(f"{directory} is missing {os.path.join(VAE, NETWORK_PARAMS)}")
@@ -347,61 +318,3 @@ def load_autoencoder(path: str, with_params: bool = True):
     abstract = jax.eval_shape(lambda k: vae.init(k, jax.numpy.zeros((1, f, f, c)))["params"], jax.random.PRNGKey(0))
     check_params(params, abstract, params_path, os.path.join(VAE, NETWORK_CONFIG))
     return vae, factory.cast_floating(params, "float32")
-
-
-def _log_ignored_schedule(config, models) -> None:
-    """A fine-tuned model keeps its own schedule and prediction type: say which config.diffusion keys differ."""
-    import logging
-
-    keys = ("schedule", "num_timesteps", "rescale_to_zero_snr", "prediction_type")
-    wanted = dataclasses.asdict(factory.scheduler_config(config.diffusion))
-    differ = [f"{k}={wanted[k]!r}" for k in keys if wanted[k] != getattr(models.scheduler, k)]
-    if differ:
-        logging.warning("config.model.pretrained=%s keeps its own schedule (%s): config.diffusion.%s ignored",
-                        config.model.pretrained, ", ".join(f"{k}={getattr(models.scheduler, k)!r}" for k in keys),
-                        ", config.diffusion.".join(differ))
-
-
-# The fields of a network config that change how it computes, not its parameters: with config.model.pretrained
-# they come from the config's section of that network.
-RUNTIME_FIELDS = ("dtype", "remat", "remat_policy", "attention_impl", "conv_impl")
-
-
-def build(config, with_params: bool = True) -> tuple[factory.Models, dict]:
-    """The models of an experiment config and the parameters that do not come from a fresh initialisation:
-    ``{"text": ...}`` (random or pretrained text encoder); with ``config.model.pretrained`` (a model folder or
-    diffusers pipeline to fine-tune) every network comes from there (their compute settings, ``RUNTIME_FIELDS``,
-    from ``config.model.<name>``) and so do their starting parameters (``{component, "text", "vae"}``); with ``config.model.autoencoder`` (latent diffusion from scratch) the frozen
-    ``"vae"`` comes from that folder. ``with_params=False`` reads configs only (params ``{}``)."""
-    mc = config.model
-    if mc.get("pretrained"):
-        models, params, _, _ = load_any(mc.pretrained, with_params)
-        _log_ignored_schedule(config, models)
-        # The architecture is the folder's; how it computes (dtype, remat, ...) is the config's. Parameters are
-        # trained in float32 whatever the folder holds (a bfloat16 export's would lose most small updates).
-        section = mc.get(models.name, {})
-        runtime = {k: section[k] for k in RUNTIME_FIELDS if k in section}
-        network = type(models.network)(models.network_config.replace(**runtime, param_dtype="float32"))
-        encoder = models.text_encoder.replace(trainable=config.text.trainable, dtype=jax.numpy.float32)
-        vae = None if models.autoencoder is None else factory.in_dtype(models.autoencoder, "float32")
-        # Alignment heads: the folder's (and their parameters) when it has them, else fresh ones of config.alignment;
-        # none when config.alignment.weight is 0.
-        heads = heads_from_config(config.get("alignment"), models.in_channels, encoder.hidden_size)
-        if heads is not None and models.alignment is not None:
-            heads = models.alignment
-        else:
-            params.pop(ALIGNMENT, None)
-        return (dataclasses.replace(models, network=network, text_encoder=encoder, autoencoder=vae, alignment=heads),
-                factory.cast_floating(params, "float32"))
-    models, text_params = factory.build_models(config, with_text_params=with_params)
-    params = {"text": text_params} if with_params else {}
-    if mc.get("autoencoder"):
-        vae, vae_params = load_autoencoder(mc.autoencoder, with_params)
-        if vae.config.latent_channels != models.in_channels:
-            raise ValueError(f"config.model.autoencoder {mc.autoencoder}: latent_channels="
-                             f"{vae.config.latent_channels}, but config.model.{models.name}.in_channels="
-                             f"{models.in_channels}")
-        models = dataclasses.replace(models, autoencoder=vae)
-        if with_params:
-            params["vae"] = vae_params
-    return models, params

@@ -11,39 +11,41 @@ rebuilds them from a training checkpoint alone) and offers the three pipelines u
   current noise level, after every sampler step (the replacement method of Song et al. 2021 /
   Lugmayr et al. 2022, without RePaint's resampling), so they come back exactly at the end.
 
-Each (sampler, steps, image size, pipeline, guided or not) is compiled once, as one ``lax.scan``; prompts,
-seeds, guidance scales and images are arguments. Prompts are processed in chunks of ``batch_size`` (a
-multiple of the device count), each chunk sharded over all devices along the batch. With
-``root, sampler_rng = split(PRNGKey(seed))``, example ``i`` of a call starts from ``normal(fold_in(root, i))``
-(and inpainting's noise at step j is ``normal(fold_in(fold_in(root, i), j + 1))``), so the same seed and
-prompts give the same images on any number of devices and in any chunking; only the stochastic samplers'
-per-step noise (``sampler_rng``, DDPM and DDIM with η > 0) is drawn per chunk.
+Each call is served by a compiled sampling program (``diffjax.sampling``: one ``lax.scan``, compiled once per
+sampler, steps, pipeline, guided or not, ...); prompts, seeds, guidance scales and images are its inputs. Prompts are
+processed in chunks of ``batch_size`` (a multiple of the device count), each chunk sharded over all devices along
+the batch; the same seed and prompts give the same images on any number of devices and in any chunking (only the
+stochastic samplers' per-step noise, DDPM and DDIM with η > 0, is drawn per chunk).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
-import json
 import logging
 import math
 import os
-from typing import Any, Optional, Sequence
+import types
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from diffjax import guidance, samplers, sharding
-from diffjax import schedules as sch
+from diffjax import build, checkpoints, diffusers_format, guidance, model_folder, posthoc_ema, sharding
 from diffjax.checkpoints import abstract_with_shardings
-from diffjax.models.autoencoder import decode_latents, encode_latents
-from diffjax.models.factory import Models
+from diffjax.models.clip_guide import CLIPGuide
+from diffjax.models.factory import Models, cast_floating, in_dtype
+from diffjax.models.layers import canonical_dtype
 from diffjax.pixels import from_uint8, to_uint8
+from diffjax.sampling import SamplingInputs, SamplingSpec, resolve_sampler_options, sampling_program
 from diffjax.text import check_prompts
 
 Array = jax.Array
+DEFAULT = object()  # a keyword left to the pipeline's default (where None is a value of its own)
 
 
 class Text2Image:
@@ -98,7 +100,7 @@ class Text2Image:
         self.mesh = sharding.create_mesh(1) if mesh is None else mesh
         self.config, self.step = None, None  # the experiment config and step, when loaded from a checkpoint
         self.ema_sigma_rel = None  # the post-hoc EMA's width, when built from a run's snapshots
-        self._compiled: dict[tuple, Any] = {}
+        self._programs: dict[SamplingSpec, Any] = {}
 
     @property
     def prediction_type(self) -> str:
@@ -120,14 +122,12 @@ class Text2Image:
         """The same pipeline whose alignment guidance follows a pretrained CLIP (``FlaxCLIPModel`` and processor
         at ``clip_model``: a local folder, or a Hub id when online) on the decoded x̂0, instead of the alignment
         heads (``diffjax.models.clip_guide``)."""
-        from diffjax.models.clip_guide import CLIPGuide
-
         other = copy.copy(self)
         guide = CLIPGuide.from_pretrained(clip_model)
         # Its parameters are placed on the mesh once (replicated), not sent with every chunk.
         other.alignment_clip = dataclasses.replace(guide, params=jax.device_put(guide.params,
                                                                                 sharding.replicated(self.mesh)))
-        other._compiled = {}
+        other._programs = {}
         return other
 
     def to_dtype(self, dtype) -> "Text2Image":
@@ -137,9 +137,6 @@ class Text2Image:
         statistics and the final clipping; with ``"float16"`` also the autoencoder (Stable Diffusion's overflows
         in float16, which is why diffusers upcasts it). The compiled programs are not shared (they depend on the
         dtype)."""
-        from diffjax.models.factory import cast_floating, in_dtype
-        from diffjax.models.layers import canonical_dtype
-
         name = canonical_dtype(dtype, "dtype")
         vae_name = "float32" if name == "float16" else name
         models = self.models
@@ -152,7 +149,7 @@ class Text2Image:
         other.denoiser_params = cast_floating(self.denoiser_params, name)
         other.text_params = cast_floating(self.text_params, name)
         other.vae_params = None if self.vae_params is None else cast_floating(self.vae_params, vae_name)
-        other._compiled = {}
+        other._programs = {}
         return other
 
     # ----------------------------------------------------------------------------------------------
@@ -166,12 +163,8 @@ class Text2Image:
         With ``ema_sigma_rel`` the parameters are the power-function EMA of that relative width at ``step``,
         built after training from the run's EMA snapshots (``diffjax.posthoc_ema``; ``use_ema`` is then
         unused)."""
-        import ml_collections
-
-        from diffjax.checkpoints import Checkpointer
-
         ckpt_dir = os.path.join(workdir, "checkpoints")
-        ckpt = Checkpointer.existing(ckpt_dir)
+        ckpt = checkpoints.Checkpointer.existing(ckpt_dir)
         if ckpt is None:
             raise FileNotFoundError(f"no checkpoint in {os.path.abspath(ckpt_dir)} (train first with "
                                     f"--mode=train --workdir={workdir})")
@@ -179,43 +172,26 @@ class Text2Image:
         if step not in ckpt.steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; steps: {ckpt.steps()}")
         config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        from diffjax import model_folder
-
-        models, _ = model_folder.build(config, with_params=False)
+        models, _ = build.models_from_config(config, with_params=False)
         mesh = sharding.create_mesh(1) if mesh is None else mesh
-        abstract = models.abstract_params()
-        which = "ema_params" if use_ema else "params"
-        target = {which: {models.component: abstract[models.component]}, "frozen": {}}
-        if models.alignment is not None:
-            target[which]["alignment"] = abstract["alignment"]
-        if models.text_encoder.trainable:
-            target[which]["text"] = abstract["text"]
-        else:
-            target["frozen"]["text"] = abstract["text"]
-        if models.autoencoder is not None:
-            target["frozen"]["vae"] = abstract["vae"]
-        if not target["frozen"]:
-            del target["frozen"]
-        target = _with_shardings(target, mesh)
+        trained, frozen = checkpoints.split_trained(_with_shardings(models.abstract_params(), mesh),
+                                                    models.text_encoder.trainable)
         # With ema_sigma_rel only the frozen parts come from the checkpoint; the trained ones are built post hoc.
-        trained = target.pop(which) if ema_sigma_rel is not None else None
-        restored = ckpt.restore_subtree(target, step) if target else {}
+        params = checkpoints.read_model_params(ckpt, step, None if ema_sigma_rel is not None else trained, frozen,
+                                               use_ema)
         ckpt.close()
-        if trained is not None:
-            from diffjax import posthoc_ema
-
-            restored[which], residual = posthoc_ema.reconstruct(workdir, step, ema_sigma_rel, trained, config.ema)
+        if ema_sigma_rel is not None:
+            built, residual = posthoc_ema.reconstruct(workdir, step, ema_sigma_rel, trained, config.ema)
+            params.update(built)
             logging.info("post-hoc EMA of sigma_rel %g at step %d (profile fit: relative residual %.2g)",
                          ema_sigma_rel, step, residual)
-        params = restored[which]
-        text_params = params["text"] if "text" in params else restored["frozen"]["text"]
         size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
         sc = config.sampling
         logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir,
                      "raw" if not use_ema and ema_sigma_rel is None else "EMA")
-        pipe = cls(models, params[models.component], text_params, (size, size, models.image_channels),
+        pipe = cls(models, params[models.component], params["text"], (size, size, models.image_channels),
                    sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                   timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=restored.get("frozen", {}).get("vae"),
+                   timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=params.get("vae"),
                    guidance_schedule=sc.get("guidance_schedule", "constant"),
                    guidance_interval=check_guidance_interval(sc.get("guidance_interval", ""),
                                                              "config.sampling.guidance_interval"),
@@ -228,8 +204,6 @@ class Text2Image:
 
     def save_pretrained(self, directory: str) -> str:
         """Write a self-contained model folder (see :mod:`diffjax.model_folder`); returns its path."""
-        from diffjax import model_folder
-
         return model_folder.save(self, directory)
 
     @classmethod
@@ -237,8 +211,6 @@ class Text2Image:
         """The pipeline saved by :meth:`save_pretrained` in ``directory``, on ``mesh`` (default: all
         devices); needs no experiment config, dataset or optimizer. ``dtype``: see :meth:`to_dtype` (default: the
         dtype the folder was saved in, e.g. ``bfloat16`` for a pipeline saved after ``to_dtype("bfloat16")``)."""
-        from diffjax import model_folder
-
         mesh = sharding.create_mesh(1) if mesh is None else mesh
         models, params, image_shape, defaults = model_folder.load(directory, lambda tree: _with_shardings(tree, mesh))
         pipe = cls(models, params[models.component], params["text"], image_shape, mesh=mesh,
@@ -251,17 +223,15 @@ class Text2Image:
     @classmethod
     def from_diffusers(cls, path_or_hub_id: str, mesh=None, dtype=None, **hub_kwargs) -> "Text2Image":
         """A Stable Diffusion pipeline (1.x / 2.x: U-Net, KL autoencoder, CLIP text encoder, scheduler) from a
-        diffusers folder or Hugging Face Hub id, its weights converted (``diffjax.convert``; safetensors read with
+        diffusers folder or Hugging Face Hub id, its weights converted (``diffjax.diffusers_format``; safetensors read with
         numpy, no torch), on ``mesh`` (default: all devices), in ``dtype`` (default float32; see :meth:`to_dtype`).
         ``save_pretrained`` then writes a diffjax model folder::
 
             pipe = Text2Image.from_diffusers("stable-diffusion-v1-5/stable-diffusion-v1-5")   # downloads once
             images = pipe.generate(["an astronaut riding a horse"], num_steps=50, guidance_scale=7.5)
         """
-        from diffjax import convert
-
         mesh = sharding.create_mesh(1) if mesh is None else mesh
-        models, params, image_shape, defaults = convert.load_diffusers(path_or_hub_id, **hub_kwargs)
+        models, params, image_shape, defaults = diffusers_format.load_diffusers(path_or_hub_id, **hub_kwargs)
         target = _with_shardings(models.abstract_params(), mesh)
         params = jax.tree_util.tree_map(lambda x, a: jax.device_put(np.asarray(x, a.dtype), a.sharding), params,
                                         target)
@@ -273,26 +243,27 @@ class Text2Image:
     def generate(self, prompts: str | Sequence[str], *, negative_prompt: str = "", sampler: Optional[str] = None,
                  num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, seed: int = 0,
                  height: Optional[int] = None, width: Optional[int] = None, batch_size: int = 64,
-                 progress: bool = False, output_type: str = "uint8", alignment_guidance_scale: Optional[float] = None,
+                 progress: bool = False, output_type: str = "uint8", guidance_schedule: Optional[str] = None,
+                 guidance_interval: Any = DEFAULT, alignment_guidance_scale: Optional[float] = None,
                  **sampler_options) -> np.ndarray:
         """uint8 images (N, H, W, C), one per prompt, sampled with classifier-free guidance
         ε̃ = ε(x, ∅') + w (ε(x, c) - ε(x, ∅')), ∅' the negative prompt (default ""); w = 1 runs the
         conditional model alone. ``output_type``: ``"uint8"``, ``"float"`` (float32 in [-1, 1]) or, for a latent
-        model, ``"latent"`` (the sampled latents, not decoded). ``guidance_interval=(σ_lo, σ_hi)``,
-        ``guidance_schedule=`` and ``alignment_guidance_scale=`` (here and in ``img2img`` / ``inpaint``) override the
-        pipeline's defaults; other keywords are sampler options. Alignment guidance (scale s > 0) needs the model's
-        alignment heads or a CLIP (:meth:`with_alignment_clip`); it is a program of its own (compiled at the first
-        s > 0), in which s is traced: other values of s do not recompile."""
-        if alignment_guidance_scale is not None:
-            sampler_options["alignment_guidance_scale"] = alignment_guidance_scale
-        shape = self._output_shape(height, width)
-        return self._run("txt2img", prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape,
-                         batch_size, progress, sampler_options, output_type=output_type)
+        model, ``"latent"`` (the sampled latents, not decoded). ``guidance_interval=(σ_lo, σ_hi)`` (None: guidance at
+        every noise level), ``guidance_schedule=`` and ``alignment_guidance_scale=`` (here and in ``img2img`` /
+        ``inpaint``) override the pipeline's defaults; other keywords are sampler options. Alignment guidance (scale
+        s > 0) needs the model's alignment heads or a CLIP (:meth:`with_alignment_clip`); it is a program of its own
+        (compiled at the first s > 0), in which s is traced: other values of s do not recompile."""
+        call = _Call(negative_prompt, sampler, num_steps, guidance_scale, seed, batch_size, progress, output_type,
+                     guidance_schedule, guidance_interval, alignment_guidance_scale, sampler_options)
+        return self._run("txt2img", prompts, self._output_shape(height, width), call)
 
     def img2img(self, prompts: str | Sequence[str], image, *, strength: float = 0.75, negative_prompt: str = "",
                 sampler: Optional[str] = None, num_steps: Optional[int] = None,
                 guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 64,
-                progress: bool = False, output_type: str = "uint8", **sampler_options) -> np.ndarray:
+                progress: bool = False, output_type: str = "uint8", guidance_schedule: Optional[str] = None,
+                guidance_interval: Any = DEFAULT, alignment_guidance_scale: Optional[float] = None,
+                **sampler_options) -> np.ndarray:
         """SDEdit: ``image`` (uint8 (H, W, C) or (N, H, W, C), or float in [-1, 1]) noised to the level of step
         N - ⌊strength · N⌋ and denoised with the prompts from there, as diffusers' img2img pipelines do.
         ``strength`` 0 returns the image, 1 ignores it (plain text-to-image from the same seed)."""
@@ -305,21 +276,24 @@ class Text2Image:
         kind = "txt2img" if start == 0 else "img2img"  # strength 1: from pure noise, the image is unused
         if start == n and output_type != "latent":  # strength 0 (or < 1/n): no step to take, the image itself
             return self._finish(x0, self._check_output_type(output_type))
-        return self._run(kind, prompts, negative_prompt, sampler, n, guidance_scale, seed, x0.shape[1:],
-                         batch_size, progress, sampler_options, x0=x0, start_step=start, output_type=output_type)
+        call = _Call(negative_prompt, sampler, n, guidance_scale, seed, batch_size, progress, output_type,
+                     guidance_schedule, guidance_interval, alignment_guidance_scale, sampler_options)
+        return self._run(kind, prompts, x0.shape[1:], call, x0=x0, start_step=start)
 
     def inpaint(self, prompts: str | Sequence[str], image, mask, *, negative_prompt: str = "",
                 sampler: Optional[str] = None, num_steps: Optional[int] = None,
                 guidance_scale: Optional[float] = None, seed: int = 0, batch_size: int = 64,
-                progress: bool = False, output_type: str = "uint8", **sampler_options) -> np.ndarray:
+                progress: bool = False, output_type: str = "uint8", guidance_schedule: Optional[str] = None,
+                guidance_interval: Any = DEFAULT, alignment_guidance_scale: Optional[float] = None,
+                **sampler_options) -> np.ndarray:
         """Fill the pixels where ``mask`` is 1/True (diffusers' convention: white is repainted) and keep the
         others exactly. ``mask``: (H, W), (H, W, 1) or (N, H, W[, 1]), bool or {0, 1} or uint8 {0, 255}."""
         prompts = check_prompts(prompts)
         x0 = self._check_image(image, len(prompts), "image")
         fill = self._check_mask(mask, x0.shape)
-        return self._run("inpaint", prompts, negative_prompt, sampler, num_steps, guidance_scale, seed,
-                         x0.shape[1:], batch_size, progress, sampler_options, x0=x0, fill=fill,
-                         output_type=output_type)
+        call = _Call(negative_prompt, sampler, num_steps, guidance_scale, seed, batch_size, progress, output_type,
+                     guidance_schedule, guidance_interval, alignment_guidance_scale, sampler_options)
+        return self._run("inpaint", prompts, x0.shape[1:], call, x0=x0, fill=fill)
 
     # ----------------------------------------------------------------------------------------------
     def check_alignment_guidance(self, scale) -> float:
@@ -416,135 +390,60 @@ class Text2Image:
         fill = m > (127 if m.dtype == np.uint8 and m.max() > 1 else 0)
         return np.broadcast_to(fill[..., None], (n, h, w, c)).astype(bool)
 
-    def _compiled_fn(self, kind: str, sampler: str, num_steps: int, guided: bool, start_step: int,
-                     options: tuple, latent_out: bool, guidance_schedule: str = "constant",
-                     guidance_interval: bool = False, alignment: str = "") -> Any:
-        key = (kind, sampler, num_steps, guided, start_step, options, latent_out, guidance_schedule, guidance_interval,
-               alignment)
-        if key in self._compiled:
-            return self._compiled[key]
-        fn_params = inspect.signature(samplers.get_sampler(sampler)).parameters
-        models = self.models
-        opts = {k: v for k, v in self.sampler_options.items() if k in fn_params}  # defaults this sampler takes
-        opts.update(options)
-        if self.timestep_spacing and "timestep_spacing" not in opts:
-            opts["timestep_spacing"] = self.timestep_spacing
-        # DDPM samples with a learned-variance network's own variance unless told otherwise.
-        learned = models.learns_variance and sampler == "ddpm" and opts.get("variance_type") in (None, "learned_range")
-        if learned:
-            opts["variance_type"] = "learned_range"
-        vae = models.autoencoder
-        if vae is None:  # pixels: x̂0 is clipped to the data range at every step
-            opts.setdefault("denoised_fn", guidance.clip_x0)
+    @property
+    def programs(self) -> Mapping[SamplingSpec, Any]:
+        """The compiled sampling programs this pipeline built, by spec (``diffjax.sampling``); read-only."""
+        return types.MappingProxyType(self._programs)
 
-        def run(denoiser_params, text_params, vae_params, ids, mask, neg_ids, neg_mask, index, seed_key, scale,
-                interval, x0, fill, align_scale, align_params, clip_ids, clip_mask):
-            encoder = models.text_encoder
-            cond = encoder.encode(text_params, ids, mask, trainable=False)
-            denoiser = models.denoiser(denoiser_params, with_variance=learned)
-            if guided:
-                b = ids.shape[0]
-                neg = encoder.encode(text_params, jnp.broadcast_to(neg_ids, (b,) + neg_ids.shape[1:]),
-                                     jnp.broadcast_to(neg_mask, (b,) + neg_mask.shape[1:]), trainable=False)
-                scale_fn = guidance.guidance_scale_fn(scale, models.schedule, guidance_schedule, interval)
-                # Outside a guidance interval the steps run the conditional branch alone (half the work).
-                model = guidance.classifier_free_guidance(denoiser, cond, neg, scale, scale_fn=scale_fn,
-                                                          skip_unguided=guidance_interval)
-            else:
-                def model(x, t):
-                    return denoiser(x, t, cond)
+    def _program(self, spec: SamplingSpec):
+        if spec not in self._programs:
+            self._programs[spec] = sampling_program(self.models, spec, self.alignment_clip)
+        return self._programs[spec]
 
-            if alignment:
-                model = guidance.alignment_guidance(model, similarity(denoiser, cond, vae_params, align_params,
-                                                                      clip_ids, clip_mask),
-                                                    models.schedule, self.prediction_type, align_scale)
-            z0, z_fill = x0, fill  # the sampler's space: pixels, or the autoencoder's scaled latents
-            if vae is not None:
-                n, h, w, c = x0.shape
-                f = models.latent_factor
-                z0 = (encode_latents(vae, vae_params, x0) if kind != "txt2img"
-                      else jnp.zeros((n, h // f, w // f, models.in_channels), jnp.float32))
-                pooled = jnp.any(fill.reshape(n, h // f, f, w // f, f, c), axis=(2, 4, 5))
-                z_fill = jnp.broadcast_to(pooled[..., None], z0.shape)
-            example_root, sampler_rng = jax.random.split(seed_key)
-            keys = jax.vmap(lambda i: jax.random.fold_in(example_root, i))(index)
-            x_T = jax.vmap(lambda k: jax.random.normal(k, z0.shape[1:]))(keys)
-            extra = {}
-            if kind == "img2img":
-                extra = dict(x0_init=z0, start_step=start_step)
-            elif kind == "inpaint":
-                def post_step(x, sc, sg, i):
-                    eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:]))(keys)
-                    return jnp.where(z_fill, x, sc * z0 + sg * eps)
+    def _spec(self, kind: str, call: "_Call", start_step: int) -> tuple[SamplingSpec, float, tuple, float]:
+        """(the program's spec, guidance scale, guidance interval (σ_lo, σ_hi), alignment guidance scale) of a call,
+        its values checked; one line naming the problem otherwise."""
+        sampler = call.sampler or self.defaults["sampler"]
+        scale = float(self.defaults["guidance_scale"] if call.guidance_scale is None else call.guidance_scale)
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got "
+                             f"{call.guidance_scale!r}")
+        schedule = guidance.check_guidance_schedule(call.guidance_schedule or self.defaults["guidance_schedule"])
+        interval = check_guidance_interval(self.defaults["guidance_interval"] if call.guidance_interval is DEFAULT
+                                           else call.guidance_interval)
+        align_scale = check_alignment_scale(self.defaults["alignment_guidance_scale"]
+                                            if call.alignment_guidance_scale is None else call.alignment_guidance_scale)
+        options = resolve_sampler_options(self.models, sampler, self.sampler_options, call.sampler_options,
+                                          self.timestep_spacing)
+        spec = SamplingSpec(kind, sampler, self._num_steps(call.num_steps), scale != 1.0, start_step, options,
+                            call.output_type == "latent", schedule, interval is not None,
+                            self._alignment_source(align_scale))
+        return spec, scale, interval or (-1.0, math.inf), align_scale
 
-                extra = dict(post_step=post_step)
-            out = samplers.sample(model, x_T, models.schedule, sampler, num_steps, rng=sampler_rng,
-                                  prediction_type=self.prediction_type, **opts, **extra)
-            if vae is None:
-                return jnp.clip(out, -1.0, 1.0)
-            if latent_out:
-                return out
-            images = jnp.clip(decode_latents(vae, vae_params, out), -1.0, 1.0)
-            return jnp.where(fill, images, x0) if kind == "inpaint" else images
-
-        def similarity(denoiser, cond, vae_params, align_params, clip_ids, clip_mask):
-            """sim(x_t, t): the conditional x̂0's similarity with its prompt, by the heads or the CLIP."""
-            c, clip = models.in_channels, self.alignment_clip
-
-            def sim(x, t):
-                pred = denoiser(x, t, cond)[..., :c].astype(jnp.float32)
-                a, s = guidance.vp_coefficients(models.schedule, t, x.ndim)
-                x0 = sch.x0_from_prediction(pred, x, jnp.maximum(a, guidance.MIN_ALPHA), s, self.prediction_type)
-                if alignment == "heads":
-                    return models.alignment.similarity(align_params, x0, cond.pooled)
-                images = x0 if vae is None else decode_latents(vae, vae_params, x0)
-                return clip.similarity(align_params, images, clip_ids, clip_mask)
-
-            return sim
-
-        fn = jax.jit(run)
-        self._compiled[key] = fn
-        return fn
-
-    def _run(self, kind, prompts, negative_prompt, sampler, num_steps, guidance_scale, seed, shape, batch_size,
-             progress, sampler_options, x0=None, fill=None, start_step=0, output_type="uint8") -> np.ndarray:
-        output_type = self._check_output_type(output_type)
+    def _run(self, kind: str, prompts, shape, call: "_Call", x0=None, fill=None, start_step=0) -> np.ndarray:
+        """Sample ``prompts`` in chunks of ``call.batch_size`` (a multiple of the device count), each chunk one call
+        of the spec's program, sharded over the mesh along the batch."""
+        output_type = self._check_output_type(call.output_type)
         if self.models.autoencoder is not None and self.vae_params is None:
             raise ValueError("this latent model's pipeline has no autoencoder parameters (vae_params)")
         prompts = check_prompts(prompts)
-        if not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
-        sampler = sampler or self.defaults["sampler"]
-        num_steps = self._num_steps(num_steps)
-        scale = float(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
-        if not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
-        if not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        sampler_options = dict(sampler_options)
-        schedule = guidance.check_guidance_schedule(sampler_options.pop("guidance_schedule",
-                                                                self.defaults["guidance_schedule"]))
-        interval = check_guidance_interval(sampler_options.pop("guidance_interval",
-                                                               self.defaults["guidance_interval"]))
-        has_interval = interval is not None
-        interval = interval or (-1.0, math.inf)
-        align_scale = check_alignment_scale(sampler_options.pop("alignment_guidance_scale",
-                                                                self.defaults["alignment_guidance_scale"]))
-        alignment = self._alignment_source(align_scale)
+        if not isinstance(call.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(call.negative_prompt).__name__}")
+        if not isinstance(call.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {call.seed!r}")
+        spec, scale, interval, align_scale = self._spec(kind, call, start_step)
+        fn = self._program(spec)
         n = len(prompts)
         ndev = self.mesh.devices.size
-        chunk = max(ndev, -(-min(int(batch_size), n) // ndev) * ndev)
-        fn = self._compiled_fn(kind, sampler, num_steps, scale != 1.0, start_step,
-                               tuple(sorted(sampler_options.items())), output_type == "latent", schedule,
-                               has_interval, alignment)
+        chunk = max(ndev, -(-min(int(call.batch_size), n) // ndev) * ndev)
         enc = self.models.text_encoder
         ids, mask = enc.tokenize(prompts)
-        neg_ids, neg_mask = enc.tokenize([negative_prompt])
+        neg_ids, neg_mask = enc.tokenize([call.negative_prompt])
         align_params = None
         clip_ids, clip_mask = ids, mask  # unused unless a CLIP guides
-        if alignment == "heads":
+        if spec.alignment == "heads":
             align_params = self.alignment_params
-        elif alignment == "clip":
+        elif spec.alignment == "clip":
             align_params = self.alignment_clip.params
             clip_ids, clip_mask = self.alignment_clip.tokenize(prompts)
         if x0 is None:
@@ -558,27 +457,41 @@ class Text2Image:
             a = np.asarray(a)
             return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
 
-        seed_key = jax.random.PRNGKey(int(seed))
+        seed_key = jax.random.PRNGKey(int(call.seed))
         out = []
         starts = range(0, n, chunk)
-        if progress and len(starts) > 1 and jax.process_index() == 0:
-            from tqdm import tqdm
-
+        if call.progress and len(starts) > 1 and jax.process_index() == 0:
             starts = tqdm(starts, desc=kind, unit="batch")
         for s in starts:
             take = np.minimum(np.arange(s, s + chunk), n - 1)  # pad the last chunk by repeating its last row
-            args = [put(a[take], batch_sh) for a in (ids, mask)]
-            args += [put(neg_ids, rep), put(neg_mask, rep), put(rows[take], batch_sh), seed_key,
-                     jnp.float32(scale), jnp.asarray(interval, jnp.float32), put(x0[take], batch_sh),
-                     put(fill[take], batch_sh), jnp.float32(align_scale), align_params, put(clip_ids[take], batch_sh),
-                     put(clip_mask[take], batch_sh)]
-            x = fn(self.denoiser_params, self.text_params, self.vae_params, *args)
+            x = fn(SamplingInputs(
+                self.denoiser_params, self.text_params, self.vae_params, put(ids[take], batch_sh),
+                put(mask[take], batch_sh), put(neg_ids, rep), put(neg_mask, rep), put(rows[take], batch_sh), seed_key,
+                jnp.float32(scale), jnp.asarray(interval, jnp.float32), put(x0[take], batch_sh),
+                put(fill[take], batch_sh), jnp.float32(align_scale), align_params, put(clip_ids[take], batch_sh),
+                put(clip_mask[take], batch_sh)))
             if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-
                 x = multihost_utils.process_allgather(x, tiled=True)
             out.append(self._finish(x, output_type)[: min(chunk, n - s)])
         return np.concatenate(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """The keywords common to generate, img2img and inpaint (None: the pipeline's default)."""
+
+    negative_prompt: str
+    sampler: Optional[str]
+    num_steps: Optional[int]
+    guidance_scale: Optional[float]
+    seed: int
+    batch_size: int
+    progress: bool
+    output_type: str
+    guidance_schedule: Optional[str]
+    guidance_interval: Any  # DEFAULT: the pipeline's; None: guidance at every noise level
+    alignment_guidance_scale: Optional[float]
+    sampler_options: dict
 
 
 def check_alignment_scale(scale, what: str = "alignment_guidance_scale") -> float:
@@ -611,38 +524,3 @@ def _with_shardings(abstract: Any, mesh) -> Any:
     """``jax.ShapeDtypeStruct`` leaves laid out over ``mesh`` by the FSDP rule (replicated when the mesh has no
     fsdp axis of size > 1): where loaded parameters go."""
     return abstract_with_shardings(abstract, sharding.state_shardings(mesh, abstract))
-
-
-def image_grid(images: np.ndarray, rows: int, pad: int = 2) -> np.ndarray:
-    """Tile uint8 images (N, H, W, C) into one (rows·(H+pad)+pad, cols·(W+pad)+pad, C) image, white margins."""
-    n, h, w, c = images.shape
-    cols = -(-n // rows)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[i]
-    return grid
-
-
-def save_image(image: np.ndarray, path: str, scale: int = 1) -> None:
-    """Write a uint8 (H, W, C) image as PNG, optionally enlarged ``scale``× (nearest neighbour)."""
-    from PIL import Image
-
-    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
-
-
-def save_images(images: np.ndarray, directory: str, prompts: Sequence[str], prefix: str = "") -> list[str]:
-    """One PNG per image (``{prefix}{i:04d}.png``) and ``prompts.json`` mapping file → prompt."""
-    os.makedirs(directory, exist_ok=True)
-    paths, index = [], {}
-    for i, (img, p) in enumerate(zip(images, prompts)):
-        name = f"{prefix}{i:04d}.png"
-        save_image(img, os.path.join(directory, name))
-        paths.append(os.path.join(directory, name))
-        index[name] = p
-    with open(os.path.join(directory, f"{prefix}prompts.json"), "w") as f:
-        json.dump(index, f, indent=1)
-    return paths

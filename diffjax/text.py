@@ -507,7 +507,7 @@ class TextEncoder:
     def masks_padding(self) -> bool:
         """Whether the transformer gets the padding mask (``config.use_attention_mask``, default True). False: the
         padding positions attend to every earlier token, as Stable Diffusion's pipelines encode prompts (diffusers
-        reads the same config attribute, absent meaning False there; ``diffjax.convert`` writes it)."""
+        reads the same config attribute, absent meaning False there; ``diffjax.diffusers_format`` writes it)."""
         return bool(getattr(self.config, "use_attention_mask", True))
 
     @property

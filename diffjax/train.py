@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffjax import losses, model_folder, posthoc_ema, sharding, xla_cpu
+from diffjax import build, losses, posthoc_ema, sharding, xla_cpu
 from diffjax.checkpoints import abstract_with_shardings
 from diffjax.models.alignment import alignment_loss
 from diffjax.models.autoencoder import DiagonalGaussian, encode_latents, scale_latents
@@ -138,7 +138,7 @@ def ema_decay(step: Array, decay: float, warmup: bool, gamma: Optional[float] = 
 def init_state(models: Models, image_shape: tuple[int, int, int], external: dict,
                tx: optax.GradientTransformation, rng: Array) -> TrainState:
     """A fresh TrainState (pure: jit it with out_shardings to create it sharded). ``external`` holds the
-    parameters that do not come from this initialisation (``model_folder.build``): the text encoder's, a
+    parameters that do not come from this initialisation (``build.models_from_config``): the text encoder's, a
     pretrained denoiser's to fine-tune, a latent model's frozen autoencoder's (``"vae"``)."""
     init_rng, state_rng = jax.random.split(rng)
     start = external.get(models.component)
@@ -386,7 +386,7 @@ class Trainer:
         self.image_shape = tuple(image_shape)
         self.mesh = sharding.create_mesh(config.sharding.fsdp) if mesh is None else mesh
         sharding.check_batch_size(config.training.batch_size, self.mesh)
-        self.models, self._external = model_folder.build(config)
+        self.models, self._external = build.models_from_config(config)
         if config.data.get("precompute_latents") and self.models.autoencoder is None:
             raise ValueError("data.precompute_latents stores an autoencoder's latents, but this model has none: set "
                              "config.model.autoencoder (or fine-tune a pretrained latent model)")

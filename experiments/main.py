@@ -186,7 +186,7 @@ def _load_pipeline():
 
 
 def evaluate() -> None:
-    from diffjax import evaluation, pipeline
+    from diffjax import evaluation, pixels
     from diffjax.data import validate_data_config
     from diffjax.loop import MetricWriter
     from experiments.configs import default
@@ -234,8 +234,8 @@ def evaluate() -> None:
     cols = min(per_class, 10)
     n_classes = len(images) // per_class
     grid_rows = images.reshape(n_classes, per_class, *images.shape[1:])[:, :cols]
-    grid = pipeline.image_grid(grid_rows.reshape(-1, *images.shape[1:]), rows=n_classes)
-    pipeline.save_image(grid, os.path.join(out, "grid.png"), scale=2)
+    grid = pixels.image_grid(grid_rows.reshape(-1, *images.shape[1:]), rows=n_classes)
+    pixels.save_image(grid, os.path.join(out, "grid.png"), scale=2)
     writer = MetricWriter(os.path.join(FLAGS.workdir, "tensorboard"))
     step = pipe.step or 0
     prefix = f"eval_{FLAGS.eval_tag}/" if FLAGS.eval_tag else "eval/"
@@ -283,7 +283,7 @@ def _read_image(path: str, channels: int):
 
 
 def sample() -> None:
-    from diffjax import pipeline
+    from diffjax import pixels
 
     if not FLAGS.prompt:
         _fail(ValueError("--mode=sample needs at least one --prompt"))
@@ -307,9 +307,9 @@ def sample() -> None:
             images = pipe.generate(prompts, **kw)
     except (ValueError, OSError) as e:
         _fail(e)
-    paths = pipeline.save_images(images, out, prompts)
-    grid = pipeline.image_grid(images, rows=len(FLAGS.prompt))
-    pipeline.save_image(grid, os.path.join(out, "grid.png"), scale=2)
+    paths = pixels.save_images(images, out, prompts)
+    grid = pixels.image_grid(images, rows=len(FLAGS.prompt))
+    pixels.save_image(grid, os.path.join(out, "grid.png"), scale=2)
     print(f"wrote {len(paths)} images and grid.png to {out}")
 
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import guidance, pipeline, pixels, samplers, schedules
+from diffjax import guidance, pixels, samplers, schedules
 
 CLASSES = ("ring", "square", "cross", "stripes")
 
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         d2 = ((out.reshape(len(out), 1, -1) - images.reshape(1, len(images), -1)) ** 2).sum(-1)
         accuracy = float(np.mean(labels[d2.argmin(1)] == np.asarray(cond)))
         path = os.path.join(args.workdir, f"samples_{name}.png")
-        pipeline.save_image(pipeline.image_grid(pixels.to_uint8(out), rows=len(CLASSES)), path, scale=3)
+        pixels.save_image(pixels.image_grid(pixels.to_uint8(out), rows=len(CLASSES)), path, scale=3)
         results[name] = accuracy
         print(f"{name:9s} {args.num_steps} steps  class accuracy {accuracy:.2f}  ({seconds:.1f}s incl. compile) -> {path}")
     return results

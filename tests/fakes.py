@@ -83,11 +83,12 @@ def perturbed(tree, seed=0, scale=0.1):
 
 def random_text2image(mesh=None):
     """The tiny config's U-Net and text encoder with perturbed random weights, as a Text2Image (8×8×1)."""
-    from diffjax.models.factory import build_models
+    from diffjax.build import models_from_config
     from diffjax.pipeline import Text2Image
 
     config = tiny_config()
-    models, text_params = build_models(config)
+    models, params = models_from_config(config)
+    text_params = params["text"]
     net_params = models.init_network(jax.random.PRNGKey(0), (8, 8))
     sc = config.sampling
     return Text2Image(models, perturbed(net_params), perturbed(text_params, seed=1), (8, 8, 1),

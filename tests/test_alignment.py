@@ -86,11 +86,12 @@ def test_alignment_weight_is_alpha_cumprod():
 
 
 def _aligned_models(weight=0.5, loss="contrastive"):
-    from diffjax.models.factory import build_models
+    from diffjax.build import models_from_config
 
     config = tiny_config()
     config.alignment.weight, config.alignment.loss = weight, loss
-    models, text_params = build_models(config)
+    models, params = models_from_config(config)
+    text_params = params["text"]
     return config, models, text_params
 
 
@@ -280,7 +281,7 @@ def test_alignment_guidance_at_scale_zero_changes_nothing_and_scales_share_one_p
     a = pipe.generate(prompts, seed=1, output_type="float", alignment_guidance_scale=0.5)
     b = pipe.generate(prompts, seed=1, output_type="float", alignment_guidance_scale=2.0)
     assert not np.allclose(a, zero) and not np.allclose(a, b)
-    guided = [fn for key, fn in pipe._compiled.items() if key[-1] == "heads"]
+    guided = [fn for spec, fn in pipe.programs.items() if spec.alignment == "heads"]
     assert len(guided) == 1 and guided[0]._cache_size() == 1  # the scale is traced: no second program
 
 

@@ -209,11 +209,12 @@ def _dit_config():
 def test_factory_builds_a_dit_whose_folder_reloads_and_samples_the_same_images(tmp_path):
     from fakes import perturbed
 
-    from diffjax.models.factory import build_models
+    from diffjax.build import models_from_config
     from diffjax.pipeline import Text2Image
 
     config = _dit_config()
-    models, text_params = build_models(config)
+    models, params = models_from_config(config)
+    text_params = params["text"]
     assert isinstance(models.network, DiT) and models.component == "transformer" and models.size_multiple == 2
     assert models.network_config.context_dim == models.text_encoder.hidden_size
     params = perturbed(models.init_network(jax.random.PRNGKey(0), (8, 8)))

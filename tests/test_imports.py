@@ -12,7 +12,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATH = ("diffjax.schedules", "diffjax.losses", "diffjax.samplers", "diffjax.guidance", "diffjax.pixels")
 TRAINING = ("diffjax.train", "diffjax.loop")
-INFERENCE = ("diffjax.pipeline", "diffjax.model_folder", "diffjax.models.factory")
+INFERENCE = ("diffjax.pipeline", "diffjax.sampling", "diffjax.model_folder", "diffjax.diffusers_format",
+             "diffjax.build", "diffjax.checkpoints", "diffjax.models.factory")
+# The compiled sampling program: the math, the networks and the text encoder, nothing of loading or the pipeline.
+SAMPLING = "diffjax.sampling"
+# The formats read and write files only: no experiment config (diffjax.build), no pipeline, no checkpoints.
+FORMATS = ("diffjax.model_folder", "diffjax.diffusers_format")
 # The networks: each builds on the shared layers (diffjax.models.layers), none on another network's file.
 NETWORKS = ("diffjax.models.unet", "diffjax.models.dit", "diffjax.models.autoencoder", "diffjax.models.classifier",
             "diffjax.models.inception", "diffjax.models.alignment", "diffjax.models.clip_guide")
@@ -89,6 +94,12 @@ def test_import_graph_has_no_cycle_and_points_one_way():
     for module in NETWORKS:
         others = _reachable(graph, module) & (set(NETWORKS) - {module})
         assert not others, f"{module} imports the network file(s) {others}: move what they share to models/layers.py"
+    allowed = set(MATH) | {"diffjax.text", "diffjax.xla_cpu", "diffjax.runtime", "diffjax"}
+    beyond = {m for m in _reachable(graph, SAMPLING) if m not in allowed and not m.startswith("diffjax.models.")}
+    assert not beyond, f"{SAMPLING} imports {beyond}: the program takes its inputs, it does not load them"
+    for module in FORMATS:
+        bad = _reachable(graph, module) & {"diffjax.build", "diffjax.pipeline", "diffjax.checkpoints", *TRAINING}
+        assert not bad, f"{module} imports {bad}: a format reads and writes files, the rest is diffjax.build's"
     users_of_both = [m for m in graph if {"diffjax.train", "diffjax.pipeline"} <= graph[m]]
     assert users_of_both == ["diffjax.loop"], users_of_both
 

@@ -57,7 +57,7 @@ def latent_trainer(latent_folder, image_folder, tmp_path_factory):
 
 
 def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent_trainer, latent_folder):
-    from diffjax import losses, model_folder
+    from diffjax import build, losses
     from diffjax.data import make_dataset
     from diffjax.models.autoencoder import encode_latents
     from diffjax.train import _per_example_randomness
@@ -65,7 +65,7 @@ def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent
     trainer, config = latent_trainer, latent_trainer.config
     models = trainer.models
     assert models.autoencoder is not None and models.latent_shape((16, 16, 3)) == (8, 8, 4)
-    _, vae_params = model_folder.load_autoencoder(latent_folder)
+    _, vae_params = build.load_autoencoder(latent_folder)
     it = make_dataset(config.data, models.text_encoder, split="train", global_batch_size=8, seed=0)
     batch = trainer.shard_batch(next(it))
     state = trainer.init()
@@ -94,7 +94,7 @@ def test_precomputed_latents_give_the_batches_and_the_steps_of_encoding_in_the_s
                                                                                    tmp_path):
     """data.precompute_latents: the posterior moments stored once (with those of the mirrored images) make the
     same batches, train step and held-out loss as encoding every batch; built once per autoencoder."""
-    from diffjax import model_folder
+    from diffjax import build
     from diffjax.data import make_dataset
     from diffjax.data.latents import LatentEncoder, latent_source
     from diffjax.data.sources import load_source
@@ -110,7 +110,7 @@ def test_precomputed_latents_give_the_batches_and_the_steps_of_encoding_in_the_s
     stored = make_dataset(config.data, models.text_encoder, latent_encoder=encoder, **kw)
     built = list((tmp_path / "tfds").glob("captioned_image_folder/*/1.0.0/diffjax_latents/precomputed_latents/*"))
     assert len(built) == 1, built
-    _, vae_params = model_folder.load_autoencoder(latent_folder)
+    _, vae_params = build.load_autoencoder(latent_folder)
     encode = jax.jit(lambda params, x: vae.apply({"params": params}, x, method=vae.encode))
     for _ in range(3):  # the same order, captions and flips; the moments of the (mirrored) image
         a, b = next(images), next(stored)
@@ -202,11 +202,11 @@ def test_fine_tuning_a_pretrained_latent_model_trains_exports_and_samples(latent
 def test_fine_tuning_a_bfloat16_folder_trains_float32_parameters(latent_folder, image_folder, tmp_path):
     """A folder exported in bfloat16 fine-tunes with float32 parameters (and float32 Adam moments): bfloat16's
     8-bit mantissa would round most small updates away."""
-    from diffjax import model_folder
+    from diffjax import build
     from diffjax.pipeline import Text2Image
 
     half = Text2Image.from_pretrained(latent_folder, dtype="bfloat16").save_pretrained(str(tmp_path / "bf16"))
-    models, params = model_folder.build(_config(image_folder, tmp_path, pretrained=half))
+    models, params = build.models_from_config(_config(image_folder, tmp_path, pretrained=half))
     assert models.network_config.param_dtype == "float32" and models.autoencoder.config.param_dtype == "float32"
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype(np.float32)}
     assert models.network_config.dtype == "float32"  # the config's compute dtype, not the folder's

@@ -69,15 +69,15 @@ def test_guidance_interval_and_schedule_are_traced_and_bound_the_guidance(pipe, 
     guided = pipe.generate(PROMPTS, **kw)
     everywhere = pipe.generate(PROMPTS, guidance_interval=(0.0, float("inf")), **kw)
     assert np.abs(everywhere.astype(int) - guided).max() <= 1
-    keys = [k for k in pipe._compiled if k[3] and k[7:9] == ("constant", True)]  # k[3]: guided; with an interval
-    fn = pipe._compiled[keys[0]]
+    keys = [k for k in pipe.programs if k.guided and k.guidance_schedule == "constant" and k.guidance_interval]
+    fn = pipe.programs[keys[0]]
     programs = fn._cache_size()  # earlier tests may have compiled other batch shapes
     nowhere = pipe.generate(PROMPTS, guidance_interval=(1e6, 2e6), **kw)
     conditional = pipe.generate(PROMPTS, seed=0, num_steps=STEPS, guidance_scale=1.0)
     assert np.abs(nowhere.astype(int) - conditional).max() <= 1
     some = pipe.generate(PROMPTS, guidance_interval="0.5,20", **dict(kw, guidance_scale=6.0))
     assert np.abs(some.astype(int) - guided).mean() > 0.5 and np.abs(some.astype(int) - nowhere).mean() > 0.5
-    assert [k for k in pipe._compiled if k[3] and k[7:9] == ("constant", True)] == keys
+    assert [k for k in pipe.programs if k.guided and k.guidance_schedule == "constant" and k.guidance_interval] == keys
     assert fn._cache_size() == programs  # no new program for another interval or scale
     linear = pipe.generate(PROMPTS, guidance_schedule="linear", **kw)  # a schedule is a program of its own
     assert np.abs(linear.astype(int) - guided).mean() > 0.5

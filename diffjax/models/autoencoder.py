@@ -12,7 +12,7 @@ Diffusion 1.x/2.x), whose variance is then about one::
       ─► GroupNorm ─ SiLU ─ conv_out ─► x̂
 
 The layers are those of the reference implementation as diffusers' ``AutoencoderKL`` has them (so its weights
-convert one to one, ``diffjax.convert``): residual blocks without time embedding, GroupNorm with ε = 1e-6, a
+convert one to one, ``diffjax.diffusers_format``): residual blocks without time embedding, GroupNorm with ε = 1e-6, a
 downsampling convolution of stride 2 after zero-padding one row and column at the bottom and right, nearest
 upsampling followed by a convolution, one single-head self-attention block (with biases) in each middle block,
 and the log-variance clipped to [-30, 20].

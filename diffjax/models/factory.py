@@ -1,23 +1,21 @@
-"""The one place where a config becomes networks: denoiser, text encoder, noise schedule, ``model_fn``.
+"""``Models``: the networks and the schedule of a text-to-image diffusion model, and the adapter from the raw
+network to the ``model_fn`` every loss, sampler and guidance function calls.
 
 The denoiser is a U-Net (``diffjax.models.unet``) or a Diffusion Transformer (``diffjax.models.dit``), chosen
 by ``config.model.name``; both have the same call signature, so nothing downstream depends on which. Its
 parameters live under the name of its component, as in diffusers' pipelines: ``"unet"`` or ``"transformer"``
 (:data:`COMPONENTS`), beside the text encoder's ``"text"``.
 
-Two kinds of config describe the same model:
+Two kinds of config describe the same model: an experiment's ``ml_collections`` config, which
+``diffjax.build.models_from_config`` turns into a :class:`Models` (this module gives it the network presets,
+:func:`network_config_fields`), and the component configs of a saved model folder (``unet/config.json``: every
+:class:`UNetConfig` field, or ``transformer/config.json``: every :class:`DiTConfig` field;
+``scheduler/scheduler_config.json``: :class:`SchedulerConfig`; ``text_encoder/``: a transformers directory),
+read by :func:`models_from_components` and written from :func:`component_configs`.
 
-* an experiment's ``ml_collections`` config (``config.model``, ``config.text``, ``config.diffusion``), read by
-  :func:`build_models` for training, evaluation and sampling from a training checkpoint;
-* the component configs of a saved model folder (``unet/config.json``: every :class:`UNetConfig` field, or
-  ``transformer/config.json``: every :class:`DiTConfig` field; ``scheduler/scheduler_config.json``:
-  :class:`SchedulerConfig`; ``text_encoder/``: a transformers directory), read by
-  :func:`models_from_components`, with no experiment config at all.
-
-Both give a :class:`Models`, whose :meth:`Models.denoiser` is the adapter that every loss, sampler and
-guidance function calls, ``model_fn(x_t, t, cond) -> prediction`` with ``cond`` a ``text.TextEncoding``
-(the structure of score_sde's ``get_model_fn`` and EDM's preconditioning wrappers: one function maps the raw
-network to what the diffusion math expects).
+:meth:`Models.denoiser` is ``model_fn(x_t, t, cond) -> prediction`` with ``cond`` a ``text.TextEncoding`` (the
+structure of score_sde's ``get_model_fn`` and EDM's preconditioning wrappers: one function maps the raw network
+to what the diffusion math expects).
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax import schedules as sch
-from diffjax.models.alignment import AlignmentConfig, AlignmentHeads, heads_from_config
+from diffjax.models.alignment import AlignmentConfig, AlignmentHeads
 from diffjax.models.autoencoder import AutoencoderKL, VAEConfig
 from diffjax.models.dit import DiT, DiTConfig
 from diffjax.models.unet import UNet, UNetConfig
@@ -213,7 +211,8 @@ def cast_floating(tree: Any, dtype) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Experiment config → Models.
+# Network presets: what an experiment config holds under config.model.unet / config.model.dit
+# (diffjax.build turns that section into a network).
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -222,7 +221,7 @@ def network_config_fields(name: str = "unet", preset: Optional[str] = None, **ov
     ``"fashion_mnist"`` for the DiT) with overrides, and the preset's name, as a plain dict: what an experiment
     config holds under ``config.model.unet`` / ``config.model.dit`` (each field overridable on the command
     line). ``context_dim`` and ``pooled_dim`` stay None unless given: the text encoder fills them in."""
-    _, cls, _ = _network(name)
+    _, cls, _ = network(name)
     preset = preset or {"unet": "small", "dit": "fashion_mnist"}[name]
     fields = dataclasses.asdict(cls.preset(preset, **overrides))
     for key in _TEXT_FIELDS:
@@ -230,56 +229,12 @@ def network_config_fields(name: str = "unet", preset: Optional[str] = None, **ov
     return {"preset": preset, **fields}
 
 
-def _network(name: str):
+def network(name: str):
+    """(network class, its config class, its component name) of ``config.model.name`` ``name``; a one-line
+    ValueError naming the key otherwise."""
     if name not in NETWORKS:
         raise ValueError(f"config.model.name={name!r}: expected one of {', '.join(NETWORKS)}")
     return NETWORKS[name]
-
-
-def network_config(name: str, fields, text_hidden_size: int, use_pooled: bool) -> UNetConfig | DiTConfig:
-    """The config of network ``name`` (``"unet"``: :class:`UNetConfig`, ``"dit"``: :class:`DiTConfig`) from its
-    section of ``config.model`` (see :func:`network_config_fields`), for a text encoder of width
-    ``text_hidden_size``: cross-attention on its states, and its pooled embedding when ``use_pooled``."""
-    _, cls, _ = _network(name)
-    fields = {k: v for k, v in dict(fields).items() if k != "preset"}
-    context_dim = fields.get("context_dim") or text_hidden_size
-    if context_dim != text_hidden_size:
-        raise ValueError(f"config.model.{name}.context_dim={context_dim} does not match the text encoder's "
-                         f"hidden size {text_hidden_size}")
-    fields.update(context_dim=context_dim, pooled_dim=text_hidden_size if use_pooled else None)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"config.model.{name}: unknown field(s) {', '.join(unknown)}")
-    return cls(**fields)
-
-
-def text_encoder(text_config, seed: int = 0, with_params: bool = True) -> tuple[TextEncoder, Optional[dict]]:
-    """The ``TextEncoder`` of ``config.text`` and its parameters (pretrained, or initialised from ``seed``);
-    with ``with_params=False`` only its config and tokenizer are read (no weights loaded or initialised; params
-    None), for parameters restored from a checkpoint."""
-    tc = text_config
-    if tc.pretrained:
-        encoder, params = TextEncoder.from_pretrained(tc.encoder, load_weights=with_params)
-        return encoder.replace(trainable=tc.trainable, max_length=tc.max_length), params
-    return TextEncoder.from_config(tc.encoder, seed=seed, max_length=tc.max_length, trainable=tc.trainable,
-                                   init=with_params)
-
-
-def scheduler_config(diffusion_config) -> SchedulerConfig:
-    dc = diffusion_config
-    return SchedulerConfig(schedule=dc.schedule, num_timesteps=int(dc.num_timesteps),
-                           rescale_to_zero_snr=bool(dc.rescale_to_zero_snr), prediction_type=dc.prediction_type)
-
-
-def build_models(config, with_text_params: bool = True) -> tuple[Models, Optional[dict]]:
-    """(Models, text encoder parameters) from ``config.model``, ``config.text`` and ``config.diffusion``."""
-    name = config.model.get("name", "unet")
-    net_cls, _, _ = _network(name)
-    encoder, text_params = text_encoder(config.text, seed=config.seed, with_params=with_text_params)
-    ncfg = network_config(name, config.model[name], encoder.hidden_size, bool(config.model.use_pooled_text))
-    heads = heads_from_config(config.get("alignment"), ncfg.in_channels, encoder.hidden_size)
-    return Models(net_cls(ncfg), encoder, scheduler_config(config.diffusion), alignment=heads), text_params
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from diffjax import convert  # noqa: E402
+from diffjax import diffusers_format  # noqa: E402
 from diffjax.models.autoencoder import AutoencoderKL  # noqa: E402
 from diffjax.models.unet import UNet  # noqa: E402
 
@@ -60,8 +60,8 @@ def tiny_unet(**kw):
 
 def test_autoencoder_encodes_and_decodes_as_diffusers():
     ref = tiny_vae()
-    cfg = convert.vae_config_from_diffusers(dict(ref.config))
-    params = convert.vae_params_from_diffusers(_state(ref), cfg)
+    cfg = diffusers_format.vae_config_from_diffusers(dict(ref.config))
+    params = diffusers_format.vae_params_from_diffusers(_state(ref), cfg)
     vae = AutoencoderKL(cfg)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 24, 3)).astype(np.float32)
     posterior = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=vae.encode))(params, x)
@@ -79,9 +79,9 @@ def test_autoencoder_encodes_and_decodes_as_diffusers():
 def test_unet_predicts_as_diffusers(style):
     kw = {} if style == "sd1" else dict(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
     ref = tiny_unet(**kw)
-    cfg = convert.unet_config_from_diffusers(dict(ref.config))
+    cfg = diffusers_format.unet_config_from_diffusers(dict(ref.config))
     assert (cfg.num_heads, cfg.head_dim) == ((4, None) if style == "sd1" else (None, 16))
-    params = convert.unet_params_from_diffusers(_state(ref), cfg)
+    params = diffusers_format.unet_params_from_diffusers(_state(ref), cfg)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     t = np.array([10.0, 700.0], np.float32)
@@ -94,21 +94,21 @@ def test_unet_predicts_as_diffusers(style):
 
 def test_conversion_errors_name_the_key_and_both_shapes():
     ref = tiny_unet()
-    cfg = convert.unet_config_from_diffusers(dict(ref.config))
+    cfg = diffusers_format.unet_config_from_diffusers(dict(ref.config))
     state = _state(ref)
     bad = dict(state, **{"conv_in.weight": np.zeros((32, 4, 3, 1), np.float32)})
-    with pytest.raises(convert.ConversionError, match=r"unet: conv_in.weight has shape \(32, 4, 3, 1\) → "
+    with pytest.raises(diffusers_format.ConversionError, match=r"unet: conv_in.weight has shape \(32, 4, 3, 1\) → "
                                                       r"\(3, 1, 4, 32\), but conv_in/kernel has shape \(3, 3, 4, 32\)"):
-        convert.unet_params_from_diffusers(bad, cfg)
-    with pytest.raises(convert.ConversionError, match=r"unknown key add_embedding.linear_1.weight \(8, 8\)"):
-        convert.unet_params_from_diffusers(dict(state, **{"add_embedding.linear_1.weight": np.zeros((8, 8))}), cfg)
+        diffusers_format.unet_params_from_diffusers(bad, cfg)
+    with pytest.raises(diffusers_format.ConversionError, match=r"unknown key add_embedding.linear_1.weight \(8, 8\)"):
+        diffusers_format.unet_params_from_diffusers(dict(state, **{"add_embedding.linear_1.weight": np.zeros((8, 8))}), cfg)
     missing = {k: v for k, v in state.items() if k != "mid_block.resnets.1.conv2.bias"}
-    with pytest.raises(convert.ConversionError, match="nothing fills the diffjax parameter.s. mid_res_1/conv2/bias"):
-        convert.unet_params_from_diffusers(missing, cfg)
-    with pytest.raises(convert.ConversionError, match="addition_embed_type='text_time' is not an architecture"):
-        convert.unet_config_from_diffusers(dict(ref.config, addition_embed_type="text_time"))
-    with pytest.raises(convert.ConversionError, match="down_block_types="):
-        convert.unet_config_from_diffusers(dict(ref.config, down_block_types=["CrossAttnDownBlock2D", "Wavelet2D"]))
+    with pytest.raises(diffusers_format.ConversionError, match="nothing fills the diffjax parameter.s. mid_res_1/conv2/bias"):
+        diffusers_format.unet_params_from_diffusers(missing, cfg)
+    with pytest.raises(diffusers_format.ConversionError, match="addition_embed_type='text_time' is not an architecture"):
+        diffusers_format.unet_config_from_diffusers(dict(ref.config, addition_embed_type="text_time"))
+    with pytest.raises(diffusers_format.ConversionError, match="down_block_types="):
+        diffusers_format.unet_config_from_diffusers(dict(ref.config, down_block_types=["CrossAttnDownBlock2D", "Wavelet2D"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def test_fine_tuning_starts_from_the_converted_weights(tmp_path):
     config.text.trainable = False
     trainer = Trainer(config)
     assert trainer.models.prediction_type == "v" and trainer.models.latent_factor == 4
-    converted = convert.load_diffusers(str(tmp_path / "sd"))[1]
+    converted = diffusers_format.load_diffusers(str(tmp_path / "sd"))[1]
     state = trainer.init()
     np.testing.assert_array_equal(flat(state.params["unet"]), flat(converted["unet"]))
     np.testing.assert_array_equal(flat(state.frozen["vae"]), flat(converted["vae"]))
@@ -291,8 +291,8 @@ def test_scheduler_defaults_follow_the_diffusers_class(caplog):
     for cls, spacing, sampler in [("DDIMScheduler", "leading", "ddim"), ("PNDMScheduler", "leading", "ddim"),
                                   ("DPMSolverMultistepScheduler", "linspace", "dpmpp_2m"),
                                   ("EulerDiscreteScheduler", "linspace", "euler")]:
-        _, sampling = convert.scheduler_from_diffusers(dict(base, _class_name=cls))
+        _, sampling = diffusers_format.scheduler_from_diffusers(dict(base, _class_name=cls))
         assert (sampling["timestep_spacing"], sampling["sampler"]) == (spacing, sampler), cls
     with caplog.at_level("WARNING"):
-        convert.scheduler_from_diffusers(dict(base, _class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True))
+        diffusers_format.scheduler_from_diffusers(dict(base, _class_name="DPMSolverMultistepScheduler", use_karras_sigmas=True))
     assert "use_karras_sigmas=True" in caplog.text

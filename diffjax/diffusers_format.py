@@ -1,4 +1,4 @@
-"""Weights in the diffusers format → diffjax parameter trees, and a diffusers pipeline folder → a diffjax model.
+"""The diffusers format: its weights → diffjax parameter trees, and a diffusers pipeline folder → a diffjax model.
 
 A diffusers Stable Diffusion folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``; weights as safetensors or PyTorch ``.bin``) becomes:
@@ -25,14 +25,19 @@ count from the lowest resolution, diffjax's ``up_{level}`` from the highest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Callable, Optional
 
+import jax
 import numpy as np
+from safetensors.numpy import load_file
 
-from diffjax.models.autoencoder import VAEConfig
-from diffjax.models.unet import UNetConfig
+from diffjax.models.autoencoder import AutoencoderKL, VAEConfig
+from diffjax.models.factory import Models, SchedulerConfig
+from diffjax.models.unet import UNet, UNetConfig, dummy_inputs
+from diffjax.text import TextEncoder
 
 
 class ConversionError(ValueError):
@@ -55,14 +60,12 @@ def read_state_dict(directory: str) -> tuple[dict[str, np.ndarray], str]:
         path = os.path.join(directory, name)
         if os.path.isfile(path):
             if name.endswith(".safetensors"):
-                from safetensors.numpy import load_file
-
                 try:
                     return {k: _as_float32(v) for k, v in load_file(path).items()}, path
                 except Exception as e:
                     raise ConversionError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())})")
             try:
-                import torch
+                import torch  # optional: only a PyTorch .bin needs it
             except ImportError:
                 raise ConversionError(f"{path} is a PyTorch file: reading it needs torch (pip install torch), or "
                                       f"convert it to safetensors") from None
@@ -70,8 +73,6 @@ def read_state_dict(directory: str) -> tuple[dict[str, np.ndarray], str]:
             return {k: v.detach().float().numpy() for k, v in state.items()}, path
         sharded = os.path.join(directory, name + ".index.json")
         if name.endswith(".safetensors") and os.path.isfile(sharded):
-            from safetensors.numpy import load_file
-
             with open(sharded) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
             state = {}
@@ -240,10 +241,6 @@ def vae_config_from_diffusers(config: dict, source: str = "vae/config.json") -> 
 
 def vae_params_from_diffusers(state: dict[str, np.ndarray], config: VAEConfig, source: str = "vae") -> dict:
     """The :class:`AutoencoderKL` parameter tree of a diffusers ``AutoencoderKL`` state dict."""
-    import jax
-
-    from diffjax.models.autoencoder import AutoencoderKL
-
     size = config.downsample_factor
     abstract = jax.eval_shape(
         lambda k: AutoencoderKL(config).init(k, jax.numpy.zeros((1, size, size, config.in_channels)))["params"],
@@ -375,10 +372,6 @@ _GEGLU = re.compile(r"(.*)\.ff\.net\.0\.proj\.(weight|bias)$")
 
 def unet_params_from_diffusers(state: dict[str, np.ndarray], config: UNetConfig, source: str = "unet") -> dict:
     """The :class:`UNet` parameter tree of a diffusers ``UNet2DConditionModel`` state dict."""
-    import jax
-
-    from diffjax.models.unet import UNet, dummy_inputs
-
     rename = _unet_rules(config.num_levels)
     abstract = jax.eval_shape(lambda k: UNet(config).init(k, *dummy_inputs(config, config.downsample_factor))["params"],
                               jax.random.key(0))
@@ -446,8 +439,6 @@ def scheduler_from_diffusers(config: dict, source: str = "scheduler/scheduler_co
     if cls not in _SAMPLERS or cls in _APPROXIMATE:
         approximated.insert(0, f"_class_name={cls!r} (sampled with {_SAMPLERS.get(cls, 'ddim')})")
     if approximated:
-        import logging
-
         logging.warning("%s: not carried over: %s", source, ", ".join(approximated))
     sampling = dict(sampler=_SAMPLERS.get(cls, "ddim"),
                     timestep_spacing=config.get("timestep_spacing", _DEFAULT_SPACING.get(cls, "linspace")),
@@ -473,7 +464,7 @@ def _pipeline_directory(path_or_hub_id: str, with_params: bool = True, **hub_kwa
         return path
     if os.path.exists(path) or path.count("/") != 1 or path.startswith((".", "/")):
         raise ConversionError(f"{path_or_hub_id}: no such directory (and not a Hugging Face Hub model id)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # only a Hub id, never a local folder, downloads
 
     patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"]
     if with_params:
@@ -488,11 +479,6 @@ def load_diffusers(path_or_hub_id: str, with_params: bool = True, **hub_kwargs):
     ``huggingface_hub`` when it is not a local folder); ``with_params=False`` reads the configs only (params
     ``{}``). Raises one ConversionError line for a folder that is not a diffusers pipeline, a missing component, an
     architecture diffjax does not have or a shape mismatch."""
-    from diffjax.models.autoencoder import AutoencoderKL
-    from diffjax.models.factory import Models, SchedulerConfig
-    from diffjax.models.unet import UNet
-    from diffjax.text import TextEncoder
-
     directory = _pipeline_directory(path_or_hub_id, with_params, **hub_kwargs)
     index_path = os.path.join(directory, "model_index.json")
     if not os.path.isfile(index_path):
@@ -555,6 +541,4 @@ def load_diffusers_vae(path_or_hub_id: str, with_params: bool = True, **hub_kwar
 
 
 def jax_to_numpy(tree):
-    import jax
-
     return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), tree)
