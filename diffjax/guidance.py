@@ -27,6 +27,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from diffjax import schedules as sch
+
 Array = jax.Array
 # denoiser(x_t, t, cond) -> prediction; cond is any pytree whose leaves have a leading batch axis.
 Denoiser = Callable[[Array, Array, Any], Array]
@@ -169,8 +171,6 @@ def alignment_guidance(model_fn: Callable[[Array, Array], Array], similarity_fn:
     The output keeps the model's parameterisation (``prediction_type``): x̂0 moves by s σ_t²/α_t ∇ sim, v̂ by
     -s (σ_t/α_t) ∇ sim. Steps with α_t < :data:`MIN_ALPHA` (a zero-SNR endpoint, where x̂0 is undetermined) are
     left unguided. Works with every sampler and with classifier-free guidance inside ``model_fn``."""
-    from diffjax import schedules as sch
-
     p = sch.canonical_prediction_type(prediction_type)
 
     def guided(x_t: Array, t: Array) -> Array:

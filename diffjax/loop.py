@@ -44,9 +44,12 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from diffjax import pipeline, pixels, posthoc_ema
-from diffjax import checkpoints
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from diffjax import checkpoints, pipeline, pixels, posthoc_ema
 from diffjax.checkpoints import Checkpointer
+from diffjax.data import describe_dataset, make_dataset
 from diffjax.train import Trainer, TrainState
 
 
@@ -135,8 +138,6 @@ class MetricWriter:
     def __init__(self, logdir: str):
         self._w = None
         if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-
             self._w = SummaryWriter(logdir)
 
     def write_scalars(self, step: int, scalars: dict, prefix: str = "") -> None:
@@ -178,8 +179,6 @@ def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> Trai
     """The whole run: resume from ``workdir``'s latest checkpoint if any, train to ``training.num_steps`` with
     metrics (TensorBoard + progress bar or log lines), sample grids, held-out loss and checkpoints.
     ``stop_at`` ends the run early after that step, with a checkpoint (as a preemption would)."""
-    from diffjax.data import describe_dataset
-
     cfg, tc = trainer.config, trainer.config.training
     os.makedirs(workdir, exist_ok=True)
     info = describe_dataset(cfg.data, cfg.data.train_split)
@@ -228,8 +227,6 @@ def _save_failed(error: BaseException, ckpt: Checkpointer) -> str:
 def _grid_prompts(cfg, info, encoder) -> list[str]:
     """The sample grids' prompts: ``sampling.prompts``, else one per class of a labelled dataset, else the first
     (up to 8) distinct captions of the eval split, read whole by every process so that all agree."""
-    from diffjax.data import make_dataset
-
     if cfg.sampling.prompts:
         return [p for p in cfg.sampling.prompts.split("|") if p]
     if info.captioner is not None:
@@ -240,8 +237,6 @@ def _grid_prompts(cfg, info, encoder) -> list[str]:
 
 
 def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None):
-    from diffjax.data import make_dataset
-
     cfg, tc, sc = trainer.config, trainer.config.training, trainer.config.sampling
     lead = jax.process_index() == 0
     enc = trainer.models.text_encoder
@@ -277,8 +272,6 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
                                     alignment_guidance_scale=cfg.alignment.guidance_scale if heads else 0.0)
     bar = None
     if lead and tc.progress_bar:
-        from tqdm import tqdm
-
         bar = tqdm(total=last, initial=start, desc="train", dynamic_ncols=True)
     timer = {"time": time.perf_counter(), "step": start}
     metrics, seen = None, {}

@@ -28,7 +28,11 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from diffjax.checkpoints import Checkpointer
 
 SNAPSHOT_DIR = "ema_snapshots"  # under the run's workdir
 SIGMA_REL_MAX = float(np.sqrt(1.0 / 12.0))  # γ = 0: the uniform average over all of training
@@ -158,11 +162,6 @@ def reconstruct(workdir: str, step: int, sigma_rel: float, abstract_params: Any,
     snapshots in ``workdir/ema_snapshots`` (``config.ema.snapshot_every``). ``abstract_params`` is the subtree of
     ``TrainState.params`` to build (``jax.ShapeDtypeStruct`` leaves with their target shardings); the snapshots
     are read one at a time (only that subtree) and summed in float32."""
-    import jax
-    import jax.numpy as jnp
-
-    from diffjax.checkpoints import Checkpointer
-
     directory = os.path.join(workdir, SNAPSHOT_DIR)
     snaps = Checkpointer.existing(directory)
     if snaps is None:

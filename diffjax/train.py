@@ -36,6 +36,8 @@ import optax
 
 from diffjax import build, losses, posthoc_ema, sharding, xla_cpu
 from diffjax.checkpoints import abstract_with_shardings
+from diffjax.data import describe_dataset
+from diffjax.data.latents import LatentEncoder
 from diffjax.models.alignment import alignment_loss
 from diffjax.models.autoencoder import DiagonalGaussian, encode_latents, scale_latents
 from diffjax.models.factory import Models
@@ -380,8 +382,6 @@ class Trainer:
             if config.data.image_size and config.data.channels:
                 image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
             else:  # the dataset's native size: look it up (prepares the dataset if needed)
-                from diffjax.data import describe_dataset
-
                 image_shape = describe_dataset(config.data, config.data.train_split).image_shape
         self.image_shape = tuple(image_shape)
         self.mesh = sharding.create_mesh(config.sharding.fsdp) if mesh is None else mesh
@@ -438,8 +438,6 @@ class Trainer:
         if not self.config.data.get("precompute_latents"):
             return None
         if self._latent_encoder is None:
-            from diffjax.data.latents import LatentEncoder
-
             self._latent_encoder = LatentEncoder(self.models.autoencoder, self._external["vae"])
         return self._latent_encoder
 

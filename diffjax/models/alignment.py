@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import losses
 from diffjax.losses import l2_normalize
 
 Array = jax.Array
@@ -97,8 +98,6 @@ class AlignmentHeads(nn.Module):
 def heads_from_config(alignment_config, in_channels: int, text_dim: int):
     """The :class:`AlignmentHeads` of ``config.alignment`` (None when its ``weight`` λ is 0: no term, no heads,
     the train step as without it); a one-line ValueError naming a bad key."""
-    from diffjax import losses
-
     ac = alignment_config
     if ac is None:
         return None
@@ -143,8 +142,6 @@ def alignment_loss(heads: AlignmentHeads, params: dict, schedule, x0_pred: Array
     for classifier-free guidance, contribute nothing and are no negatives): ℓ the contrastive or cosine loss of
     g_img(x̂0) against g_txt(pooled) (``losses``), w(t) ``losses.alignment_weight``. Under a sharded ``jit`` the
     contrastive negatives are the whole global batch; under ``pmap``, each device's."""
-    from diffjax import losses
-
     u, v, tau = heads.apply({"params": params}, x0_pred, pooled)
     if loss == "contrastive":
         per = losses.contrastive_alignment_loss(u, v, tau, valid, positives)
