@@ -349,6 +349,7 @@ class TextEncoder:
         Returns:
           ``(encoder, params)``.
         """
+        # Long for its Args docstring; the body is one sequence: find the directory, read config, weights, tokenizer.
         from transformers import CLIPTextConfig
 
         if isinstance(size, CLIPTextConfig):

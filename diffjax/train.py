@@ -260,6 +260,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
     is skipped inside the compiled step: parameters, EMA and optimizer state stay as they were, the step
     counter and the randomness advance, and ``state.guard`` counts it (``update_guard``); the run decides on
     the host, at its next metrics fetch, whether to go on (``training.on_nonfinite``)."""
+    # One piece: the constants read from the config here and the step that closes over them, traced once.
     dc = config.diffusion
     encoder = models.text_encoder
     decay, warmup = float(config.ema.decay), bool(config.ema.warmup)

@@ -331,6 +331,7 @@ def make_grain_dataset(
     keep_captions: bool = False,
     latent_encoder: LatentEncoder | None = None,
 ) -> grain.IterDataset:
+    # Long for its Args docstring; the body is one chain of grain stages, read in order.
     """The pipeline as a ``grain.IterDataset`` of this process's batches for a ``data`` config
     (:func:`default_data_config`); :func:`make_dataset` iterates it.
 

@@ -507,6 +507,9 @@ class UNet(nn.Module):
         labels: Optional[Array] = None,
         train: bool = False,
     ) -> Array:
+        # One piece on purpose: the forward pass reads top to bottom as the architecture (conditioning, down path,
+        # middle, up path with its skips, output), with the module names that checkpoints and diffusers'
+        # conversion rules rely on; split into methods, those names and the skips' order would be spread out.
         cfg = self.config
         f = cfg.downsample_factor
         check_denoiser_inputs(cfg, x, t, text_states, text_mask, pooled, labels,
