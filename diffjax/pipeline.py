@@ -38,6 +38,7 @@ import numpy as np
 from diffjax import guidance, samplers, sharding
 from diffjax import schedules as sch
 from diffjax.checkpoints import abstract_with_shardings
+from diffjax.guidance import check_guidance_interval
 from diffjax.models.autoencoder import decode_latents, encode_latents
 from diffjax.models.factory import Models
 from diffjax.pixels import from_uint8, to_uint8
@@ -590,21 +591,6 @@ def check_alignment_scale(scale, what: str = "alignment_guidance_scale") -> floa
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite number >= 0 (0: off), got {scale!r}")
     return value
-
-
-def check_guidance_interval(interval, what: str = "guidance_interval") -> Optional[tuple[float, float]]:
-    """(σ_lo, σ_hi) as floats with 0 ≤ σ_lo < σ_hi (σ_hi may be inf), from a pair or a ``"lo,hi"`` string; None
-    (or ``""``) for guidance at every noise level. A one-line ValueError naming ``what`` otherwise."""
-    if interval is None or (isinstance(interval, str) and not interval.strip()):
-        return None
-    try:
-        parts = interval.split(",") if isinstance(interval, str) else list(interval)
-        lo, hi = (float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be two noise levels 'sigma_lo,sigma_hi', got {interval!r}") from None
-    if not (math.isfinite(lo) and 0.0 <= lo < hi) or math.isnan(hi):
-        raise ValueError(f"{what} must satisfy 0 <= sigma_lo < sigma_hi, got {interval!r}")
-    return lo, hi
 
 
 def _with_shardings(abstract: Any, mesh) -> Any:
