@@ -24,10 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(preset):
-    from experiments.configs import default
+    from diffjax import config as defaults
 
-    config = default.get_config()
-    config.model.unet = default.unet_config(preset)
+    config = defaults.get_config()
+    config.model.unet = defaults.unet_config(preset)
     config.data.image_size, config.data.channels = 32, config.model.unet.in_channels
     config.training.batch_size = 1
     return config

@@ -229,7 +229,7 @@ def _config_for(name: str, spec):
 
     if name == "matched":
         return diffjax_config(spec)
-    from experiments.configs import load_config
+    from diffjax.config import load_config
 
     return load_config(os.path.join(ROOT, "experiments", "configs", f"{name}.py"), [])
 
@@ -360,7 +360,7 @@ def section_compile(spec, args, record) -> None:
 
 def section_memory(spec, args, record) -> None:
     out = record.setdefault("memory", {})
-    print(f"\ntrain step peak memory (XLA memory analysis, matched U-Net)")
+    print("\ntrain step peak memory (XLA memory analysis, matched U-Net)")
     batches = (spec.batch, 4 * spec.batch)
     for b in batches:
         plain, remat = run_probe("memory", f"0,{b}", spec), run_probe("memory", f"1,{b}", spec)

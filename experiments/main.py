@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py); --mode=eval "
-                                "reads only its 'evaluation' section (default: experiments/configs/default.py's).",
+                                "reads only its 'evaluation' section (default: diffjax.config.get_config()'s).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, samples and metrics.")
 flags.DEFINE_enum("mode", "train", ["train", "train_classifier", "eval", "sample", "export", "convert"],
@@ -120,11 +120,11 @@ def _sampling_kwargs() -> dict:
 
 def train(config) -> None:
     from diffjax.data import describe_dataset
+    from diffjax.config import validate
     from diffjax.train import Trainer
-    from experiments.configs import validate_config
 
     try:  # bad input fails here, in one line, before anything is compiled
-        validate_config(config)
+        validate(config)
         info = describe_dataset(config.data, config.data.train_split)
         if config.alignment.weight > 0 and config.alignment.positives == "label" and not info.class_names:
             raise ValueError(f"config.alignment.positives='label' needs a labelled dataset; {info.name!r} has no "
@@ -187,11 +187,11 @@ def _load_pipeline():
 
 def evaluate() -> None:
     from diffjax import evaluation, pipeline
+    from diffjax.config import get_config
     from diffjax.data import validate_data_config
     from diffjax.loop import MetricWriter
-    from experiments.configs import default
 
-    ec = FLAGS.config.evaluation if FLAGS.config is not None else default.get_config().evaluation
+    ec = FLAGS.config.evaluation if FLAGS.config is not None else get_config().evaluation
     if FLAGS.model and FLAGS.config is None:
         _fail(ValueError("--mode=eval --model=... needs --config for the dataset to compare against"))
     if FLAGS.eval_tag and not all(c.isalnum() or c in "-_.=" for c in FLAGS.eval_tag):

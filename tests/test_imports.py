@@ -13,6 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATH = ("diffjax.schedules", "diffjax.losses", "diffjax.samplers", "diffjax.guidance", "diffjax.pixels")
 TRAINING = ("diffjax.train", "diffjax.loop")
 INFERENCE = ("diffjax.pipeline", "diffjax.model_folder", "diffjax.models.factory")
+# The experiment schema (defaults and validation) reads the networks' config classes and the input pipeline's section;
+# what builds, trains or samples reads it, never the other way round.
+SCHEMA = "diffjax.config"
 # The networks: each builds on the shared layers (diffjax.models.layers), none on another network's file.
 NETWORKS = ("diffjax.models.unet", "diffjax.models.dit", "diffjax.models.autoencoder", "diffjax.models.classifier",
             "diffjax.models.inception", "diffjax.models.alignment", "diffjax.models.clip_guide")
@@ -89,6 +92,8 @@ def test_import_graph_has_no_cycle_and_points_one_way():
     for module in NETWORKS:
         others = _reachable(graph, module) & (set(NETWORKS) - {module})
         assert not others, f"{module} imports the network file(s) {others}: move what they share to models/layers.py"
+    bad = _reachable(graph, SCHEMA) & {*TRAINING, "diffjax.pipeline", "diffjax.model_folder", "diffjax.evaluation"}
+    assert not bad, f"{SCHEMA} imports {bad}"
     users_of_both = [m for m in graph if {"diffjax.train", "diffjax.pipeline"} <= graph[m]]
     assert users_of_both == ["diffjax.loop"], users_of_both
 
