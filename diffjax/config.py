@@ -159,7 +159,8 @@ def _flat_keys(cfg, prefix=""):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise a one-line ValueError naming the first unknown key or bad value."""
+    """Raise a one-line ValueError naming the first unknown key or bad value. Every network section of
+    ``config.model`` is checked, the one ``config.model.name`` picks and the others alike."""
     known = set(_flat_keys(get_config()))
     for key in _flat_keys(config):
         if key not in known:
@@ -205,6 +206,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     name = config.model.name
     choice("model.name", name, tuple(factory.NETWORKS))
     net = _network_config(config.model, name)
+    for other in factory.NETWORKS:  # the sections not chosen are checked too: a later --config.model.name uses them
+        if other != name and other in config.model:
+            _network_config(config.model, other)
     size = int(config.data.image_size or 0)
     if config.model.pretrained and config.model.autoencoder:
         raise ValueError("config.model.pretrained brings its own autoencoder: leave config.model.autoencoder empty")
