@@ -1,6 +1,7 @@
 """The experiment schema: every key of a diffjax experiment with its default and a one-line comment
-(:func:`get_config`), :func:`validate` (a one-line error naming the first unknown key or bad value) and
-:func:`load_config` (a recipe file with ``KEY=VALUE`` overrides).
+(:func:`get_config`), :func:`validate` (a one-line error naming the first unknown key or bad value),
+:func:`load_config` (a recipe file with ``KEY=VALUE`` overrides) and :func:`sampling_defaults` (``config.sampling``
+as Text2Image's keyword defaults).
 
 Recipes (experiments/configs/: fashion_mnist.py, tiny.py, cifar10.py, text_to_image_folder.py, ...) start from
 ``get_config()`` here and override a few keys; any key can be overridden on the command line:
@@ -11,7 +12,7 @@ keys and checks are the input pipeline's (:func:`diffjax.data.default_data_confi
 import ast
 import dataclasses
 import importlib.util
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import ml_collections
 
@@ -276,3 +277,24 @@ def load_config(path: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
             value = float(value)
         section[name] = value
     return config
+
+
+# config.sampling's keys that are Text2Image keywords of the same name (prompts and images_per_prompt are the
+# training run's sample grids', not the pipeline's).
+SAMPLING_KEYWORDS = ("sampler", "num_steps", "guidance_scale", "timestep_spacing", "guidance_schedule",
+                     "guidance_interval")
+
+
+def sampling_defaults(sampling: Mapping, alignment_guidance_scale=None, where: str = "config.sampling.") -> dict:
+    """Text2Image's keyword defaults (its constructor's, or any call's) from a ``config.sampling`` section:
+    its :data:`SAMPLING_KEYWORDS`, the guidance interval as (σ_lo, σ_hi) or None (a one-line ValueError naming
+    ``where`` + ``guidance_interval`` otherwise), and ``alignment_guidance_scale`` (``config.alignment``'s) when
+    given. Keys that are absent or None are left out, so that Text2Image's own defaults stand: a run's config from
+    before a key existed, or the command line's flags (``where="--"``), of which only those given count."""
+    kw = {k: sampling[k] for k in SAMPLING_KEYWORDS if sampling.get(k) is not None}
+    if "guidance_interval" in kw:
+        kw["guidance_interval"] = guidance.check_guidance_interval(kw["guidance_interval"],
+                                                                   f"{where}guidance_interval")
+    if alignment_guidance_scale is not None:
+        kw["alignment_guidance_scale"] = alignment_guidance_scale
+    return kw

@@ -170,6 +170,7 @@ class Text2Image:
         import ml_collections
 
         from diffjax.checkpoints import Checkpointer
+        from diffjax.config import sampling_defaults  # the experiment schema imports the input pipeline (tfds, grain)
 
         ckpt_dir = os.path.join(workdir, "checkpoints")
         ckpt = Checkpointer.existing(ckpt_dir)
@@ -211,17 +212,11 @@ class Text2Image:
         params = restored[which]
         text_params = params["text"] if "text" in params else restored["frozen"]["text"]
         size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
-        sc = config.sampling
         logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir,
                      "raw" if not use_ema and ema_sigma_rel is None else "EMA")
-        pipe = cls(models, params[models.component], text_params, (size, size, models.image_channels),
-                   sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                   timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=restored.get("frozen", {}).get("vae"),
-                   guidance_schedule=sc.get("guidance_schedule", "constant"),
-                   guidance_interval=check_guidance_interval(sc.get("guidance_interval", ""),
-                                                             "config.sampling.guidance_interval"),
-                   alignment_params=params.get("alignment"),
-                   alignment_guidance_scale=config.get("alignment", {}).get("guidance_scale", 0.0))
+        pipe = cls(models, params[models.component], text_params, (size, size, models.image_channels), mesh=mesh,
+                   vae_params=restored.get("frozen", {}).get("vae"), alignment_params=params.get("alignment"),
+                   **sampling_defaults(config.sampling, config.get("alignment", {}).get("guidance_scale", 0.0)))
         pipe.config, pipe.step = config, step
         pipe.ema_sigma_rel = ema_sigma_rel
         clip_model = config.get("alignment", {}).get("clip_model", "")

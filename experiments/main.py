@@ -104,17 +104,14 @@ def _exit_with_error(line: str) -> None:
 
 
 def _sampling_kwargs() -> dict:
-    kw = {"sampler": FLAGS.sampler, "num_steps": FLAGS.num_steps, "guidance_scale": FLAGS.guidance_scale,
-          "negative_prompt": FLAGS.negative_prompt, "timestep_spacing": FLAGS.timestep_spacing,
-          "guidance_schedule": FLAGS.guidance_schedule, "alignment_guidance_scale": FLAGS.alignment_guidance_scale}
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if FLAGS.guidance_interval is not None:
-        from diffjax.pipeline import check_guidance_interval
+    from diffjax.config import SAMPLING_KEYWORDS, sampling_defaults
 
-        try:
-            kw["guidance_interval"] = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
-        except ValueError as e:
-            _fail(e)
+    try:  # the flags of config.sampling's keys, those given
+        kw = sampling_defaults({k: getattr(FLAGS, k) for k in SAMPLING_KEYWORDS}, FLAGS.alignment_guidance_scale, "--")
+    except ValueError as e:
+        _fail(e)
+    if FLAGS.negative_prompt is not None:
+        kw["negative_prompt"] = FLAGS.negative_prompt
     return kw
 
 

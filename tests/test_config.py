@@ -1,6 +1,8 @@
 """The experiment schema (diffjax/config.py): every network section present is validated whichever one
-``config.model.name`` picks."""
+``config.model.name`` picks, and ``sampling_defaults`` turns ``config.sampling`` (or the command line's flags) into
+Text2Image's keywords."""
 
+import math
 import os
 
 import pytest
@@ -26,3 +28,28 @@ def test_a_network_section_that_is_not_chosen_is_validated_too(chosen, key, valu
     with pytest.raises(ValueError) as e:
         defaults.validate(config)
     _one_line(e, message)
+
+
+def test_sampling_defaults_are_the_sampling_sections_text2image_keywords():
+    config = defaults.get_config()
+    assert defaults.sampling_defaults(config.sampling) == {
+        "sampler": "dpmpp_2m", "num_steps": 25, "guidance_scale": 3.0, "timestep_spacing": "trailing",
+        "guidance_schedule": "constant", "guidance_interval": None}
+    config.sampling.guidance_interval = "0.5,5.42"
+    config.sampling.sampler, config.sampling.num_steps = "heun", 7
+    kw = defaults.sampling_defaults(config.sampling, alignment_guidance_scale=0.25)
+    assert kw["guidance_interval"] == (0.5, 5.42) and kw["alignment_guidance_scale"] == 0.25
+    assert (kw["sampler"], kw["num_steps"]) == ("heun", 7)
+    # A run's config from before guidance_schedule / guidance_interval existed: Text2Image's own defaults stand.
+    old = {k: v for k, v in config.sampling.items() if k not in ("guidance_schedule", "guidance_interval")}
+    assert set(defaults.sampling_defaults(old)) == {"sampler", "num_steps", "guidance_scale", "timestep_spacing"}
+    # The command line's flags: only those given, an interval of "" (guidance everywhere) included.
+    flags = dict.fromkeys(defaults.SAMPLING_KEYWORDS, None)
+    assert defaults.sampling_defaults(flags, where="--") == {}
+    flags.update(num_steps=12, guidance_interval="")
+    assert defaults.sampling_defaults(flags, where="--") == {"num_steps": 12, "guidance_interval": None}
+    assert defaults.sampling_defaults({"guidance_interval": "1,inf"})["guidance_interval"] == (1.0, math.inf)
+    for where, interval in (("config.sampling.", "5,1"), ("--", "a,b")):
+        with pytest.raises(ValueError) as e:
+            defaults.sampling_defaults({"guidance_interval": interval}, where=where)
+        _one_line(e, f"{where}guidance_interval must")
