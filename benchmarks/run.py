@@ -261,7 +261,8 @@ def probe(kind: str, arg: str, spec) -> None:
         config = _config_for(name, spec)
         for k, v in over.items():
             setattr(config.training if k == "batch_size" else config.model.unet, k, v)
-        return Trainer(config, image_shape=(config.data.image_size, config.data.image_size, config.data.channels))
+        return Trainer(config, image_shape=(config.data.image_size, config.data.image_size,
+                                            config.model.unet.in_channels))
 
     def batch(tr, seed=0):
         b, rng = tr.config.training.batch_size, np.random.default_rng(seed)

@@ -122,7 +122,9 @@ def diffjax_config(spec: Spec, remat: bool = False):
     from diffjax import config as defaults
 
     config = defaults.get_config()
-    config.data.image_size, config.data.channels = spec.image_size, spec.in_channels
+    # The batches are synthetic, of the trainer's image_shape: 4 channels (the SD U-Net's latents) are no image
+    # dataset's, so the data section leaves its channels to them (0) where they are not 1 or 3.
+    config.data.image_size, config.data.channels = spec.image_size, spec.in_channels * (spec.in_channels in (1, 3))
     config.model.unet = defaults.unet_config(
         "small", in_channels=spec.in_channels, channels=spec.channels, channel_mult=tuple(spec.mult),
         num_res_blocks=spec.res_blocks, attention_levels=tuple(spec.attn_levels), num_heads=spec.heads,

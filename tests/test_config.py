@@ -1,12 +1,13 @@
 """The experiment schema (diffjax/config.py): every network section present is validated whichever one
-``config.model.name`` picks, and ``sampling_defaults`` turns ``config.sampling`` (or the command line's flags) into
-Text2Image's keywords."""
+``config.model.name`` picks, the Trainer refuses an invalid config in one line before building anything, and
+``sampling_defaults`` turns ``config.sampling`` (or the command line's flags) into Text2Image's keywords."""
 
 import math
 import os
 
 import pytest
 from conftest import ROOT
+from fakes import tiny_config
 
 from diffjax import config as defaults
 
@@ -28,6 +29,32 @@ def test_a_network_section_that_is_not_chosen_is_validated_too(chosen, key, valu
     with pytest.raises(ValueError) as e:
         defaults.validate(config)
     _one_line(e, message)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("training.on_nonfinite", "ignore", "config.training.on_nonfinite='ignore': expected one of skip, stop"),
+    ("model.dit.depth", -3, "config.model.dit: DiTConfig: depth must be a positive integer, got -3"),
+])
+def test_the_trainer_refuses_an_invalid_config_in_one_line_before_building_anything(monkeypatch, key, value,
+                                                                                    message):
+    from diffjax import model_folder
+    from diffjax.train import Trainer
+
+    monkeypatch.setattr(model_folder, "build", lambda *a, **k: pytest.fail("the Trainer built networks"))
+    config = tiny_config()
+    *path, name = key.split(".")
+    section = config
+    for part in path:
+        section = section[part]
+    section[name] = value
+    with pytest.raises(ValueError) as e:
+        Trainer(config)
+    _one_line(e, message)
+    legacy = tiny_config()
+    del legacy["alignment"]  # a config without a section of the schema (e.g. one written before it existed)
+    with pytest.raises(ValueError) as e:
+        Trainer(legacy)
+    _one_line(e, "config key 'alignment.")
 
 
 def test_sampling_defaults_are_the_sampling_sections_text2image_keywords():
