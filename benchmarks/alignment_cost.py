@@ -38,9 +38,9 @@ def main():
     args = parser.parse_args()
     import jax
 
+    from diffjax.config import load_config
     from diffjax.pipeline import Text2Image
     from diffjax.train import Trainer
-    from experiments.configs import load_config
 
     def trainer(weight):
         config = load_config(args.config, [f"alignment.weight={weight}"])

@@ -82,9 +82,9 @@ def layers(rounds: int, n: int) -> None:
 
 
 def step(config_path: str, rounds: int, n: int, sets: list[str]) -> None:
+    from diffjax.config import load_config
     from diffjax.data import make_dataset
     from diffjax.train import Trainer
-    from experiments.configs import load_config
 
     runs = {}
     batch = None

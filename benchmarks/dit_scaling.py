@@ -21,21 +21,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def run(preset: str, args) -> list[tuple[int, float]]:
-    from experiments.configs import default, load_config
-
+    from diffjax import config as defaults
+    from diffjax.config import load_config
     from diffjax.data import make_dataset
     from diffjax.models.layers import count_params
     from diffjax.train import Trainer
 
     config = load_config("experiments/configs/fashion_mnist_dit.py")
-    fields = {k: v for k, v in default.dit_config("fashion_mnist").items() if k != "preset"}
-    keep = default.dit_config(preset)
+    fields = {k: v for k, v in defaults.dit_config("fashion_mnist").items() if k != "preset"}
+    keep = defaults.dit_config(preset)
     fields.update(hidden_size=keep.hidden_size, depth=keep.depth, num_heads=keep.num_heads, patch_size=args.patch)
-    config.model.dit = default.dit_config("fashion_mnist", **fields)
+    config.model.dit = defaults.dit_config("fashion_mnist", **fields)
     config.model.dit.preset = preset
     config.training.batch_size, config.training.num_steps = args.batch, args.steps
     if args.lr:

@@ -26,7 +26,7 @@ CONFIGS = {"U-Net": "experiments/configs/fashion_mnist.py", "DiT": "experiments/
 
 
 def setup(path: str, sample_batch: int):
-    from experiments.configs import load_config
+    from diffjax.config import load_config
 
     from diffjax.models.layers import count_params
     from diffjax.pipeline import Text2Image

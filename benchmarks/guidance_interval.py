@@ -31,7 +31,8 @@ def main():
     import jax
 
     from diffjax import samplers
-    from diffjax.pipeline import Text2Image, check_guidance_interval
+    from diffjax.guidance import check_guidance_interval
+    from diffjax.pipeline import Text2Image
 
     pipe = Text2Image.from_checkpoint(args.workdir)
     interval = check_guidance_interval(args.interval, "--interval")

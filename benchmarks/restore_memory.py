@@ -24,11 +24,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(preset):
-    from experiments.configs import default
+    from diffjax import config as defaults
 
-    config = default.get_config()
-    config.model.unet = default.unet_config(preset)
-    config.data.image_size, config.data.channels = 32, config.model.unet.in_channels
+    config = defaults.get_config()
+    config.model.unet = defaults.unet_config(preset)
+    # The state is written, not trained: its U-Net's channels (4 for the SD preset's latents, which no image dataset
+    # has; the data section then leaves them to the trainer's image_shape) are the data's.
+    in_channels = config.model.unet.in_channels
+    config.data.image_size, config.data.channels = 32, in_channels * (in_channels in (1, 3))
     config.training.batch_size = 1
     return config
 
@@ -52,7 +55,7 @@ def write(workdir, preset):
     import jax
 
     config = _config(preset)
-    trainer = Trainer(config)
+    trainer = Trainer(config, image_shape=(32, 32, config.model.unet.in_channels))
     state = trainer.init()
     leaves, treedef = jax.tree_util.tree_flatten((state.ema_params, state.opt_state))
     keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
@@ -97,7 +100,8 @@ def _load(workdir, path):
         from diffjax.train import Trainer
 
         ckpt = Checkpointer.existing(os.path.join(workdir, "checkpoints"))
-        trainer = Trainer(ml_collections.ConfigDict(ckpt.restore_config()))
+        config = ml_collections.ConfigDict(ckpt.restore_config())
+        trainer = Trainer(config, image_shape=(32, 32, config.model.unet.in_channels))
         state, _, _ = ckpt.restore(trainer.restore_target())
         ckpt.close()
         arrays = (state.ema_params, state.frozen)

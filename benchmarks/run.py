@@ -229,7 +229,7 @@ def _config_for(name: str, spec):
 
     if name == "matched":
         return diffjax_config(spec)
-    from experiments.configs import load_config
+    from diffjax.config import load_config
 
     return load_config(os.path.join(ROOT, "experiments", "configs", f"{name}.py"), [])
 
@@ -261,7 +261,8 @@ def probe(kind: str, arg: str, spec) -> None:
         config = _config_for(name, spec)
         for k, v in over.items():
             setattr(config.training if k == "batch_size" else config.model.unet, k, v)
-        return Trainer(config, image_shape=(config.data.image_size, config.data.image_size, config.data.channels))
+        return Trainer(config, image_shape=(config.data.image_size, config.data.image_size,
+                                            config.model.unet.in_channels))
 
     def batch(tr, seed=0):
         b, rng = tr.config.training.batch_size, np.random.default_rng(seed)
@@ -360,7 +361,7 @@ def section_compile(spec, args, record) -> None:
 
 def section_memory(spec, args, record) -> None:
     out = record.setdefault("memory", {})
-    print(f"\ntrain step peak memory (XLA memory analysis, matched U-Net)")
+    print("\ntrain step peak memory (XLA memory analysis, matched U-Net)")
     batches = (spec.batch, 4 * spec.batch)
     for b in batches:
         plain, remat = run_probe("memory", f"0,{b}", spec), run_probe("memory", f"1,{b}", spec)

@@ -143,11 +143,10 @@ def diffjax_pipeline(directory, args):
 
 
 def diffjax_trainer(directory, args, remat=True, with_state=True, precomputed=False):
-    from experiments.configs import default
-
+    from diffjax import config as defaults
     from diffjax.train import Trainer
 
-    config = default.get_config()
+    config = defaults.get_config()
     config.model.pretrained = directory
     config.model.unet.remat = remat
     config.model.unet.dtype = args.dtype

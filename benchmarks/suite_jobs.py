@@ -119,11 +119,13 @@ def _timed_first(fn):
 
 def diffjax_config(spec: Spec, remat: bool = False):
     """The experiment config of the spec: diffjax's own train step with the matched recipe."""
-    from experiments.configs import default
+    from diffjax import config as defaults
 
-    config = default.get_config()
-    config.data.image_size, config.data.channels = spec.image_size, spec.in_channels
-    config.model.unet = default.unet_config(
+    config = defaults.get_config()
+    # The batches are synthetic, of the trainer's image_shape: 4 channels (the SD U-Net's latents) are no image
+    # dataset's, so the data section leaves its channels to them (0) where they are not 1 or 3.
+    config.data.image_size, config.data.channels = spec.image_size, spec.in_channels * (spec.in_channels in (1, 3))
+    config.model.unet = defaults.unet_config(
         "small", in_channels=spec.in_channels, channels=spec.channels, channel_mult=tuple(spec.mult),
         num_res_blocks=spec.res_blocks, attention_levels=tuple(spec.attn_levels), num_heads=spec.heads,
         context_dim=None, norm_groups=spec.norm_groups, dropout=0.0, flip_sin_to_cos=True, freq_shift=0.0,
@@ -157,8 +159,8 @@ def diffjax_train_fashion_mnist(spec: Spec) -> Job:
     """The demo's own train step (experiments/configs/fashion_mnist.py: its U-Net, trainable text encoder,
     alignment term and batch 64) on a synthetic batch; not a comparison (no peer has this model): the suite
     reports its FLOP rate against the matmul peak. The spec is not used."""
+    from diffjax.config import load_config
     from diffjax.train import Trainer
-    from experiments.configs import load_config
 
     config = load_config(os.path.join(ROOT, "experiments", "configs", "fashion_mnist.py"), [])
     dc = config.data

@@ -36,13 +36,14 @@ def main() -> None:
 
     import jax
 
+    from diffjax import config as defaults
+    from diffjax.config import load_config
     from diffjax.data import make_dataset
     from diffjax.train import Trainer
-    from experiments.configs import default, load_config
 
     config = load_config(args.config, args.set)
     if args.unet:
-        config.model.unet = default.unet_config(args.unet, in_channels=config.data.channels)
+        config.model.unet = defaults.unet_config(args.unet, in_channels=config.data.channels)
     if args.batch_size:
         config.training.batch_size = args.batch_size
     trainer = Trainer(config)

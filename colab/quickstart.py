@@ -46,8 +46,7 @@ if IN_COLAB:
     pip = [sys.executable, "-m", "pip", "install", "-q"]
     subprocess.run(pip + ["--upgrade-strategy=only-if-needed", "-e", f"./diffjax{extra}"], check=True)
     subprocess.run(pip + ["--no-deps", "openai-clip==1.0.1"], check=True)  # only its CLIP BPE vocabulary file
-    os.chdir("diffjax")
-sys.path.insert(0, os.getcwd())  # experiments/ (the configs) lives beside the package
+    os.chdir("diffjax")  # the recipes (experiments/configs/*.py) are read from the clone
 
 # %%
 import diffjax  # first: its XLA settings and compilation cache apply from the first array on
@@ -59,10 +58,10 @@ print("jax", jax.__version__, "| backend:", jax.default_backend(), "|", jax.devi
 # ## A config, with a few keys overridden here
 #
 # `experiments/configs/fashion_mnist.py` is the demo's recipe (0.79M-parameter U-Net, 600 steps); every key of
-# `experiments/configs/default.py` can be changed below, exactly as `--config.KEY=VALUE` does on the command line.
+# `diffjax/config.py` can be changed below, exactly as `--config.KEY=VALUE` does on the command line.
 
 # %%
-from experiments.configs import load_config, validate_config
+from diffjax.config import load_config, validate
 
 WORK = os.environ.get("DIFFJAX_NOTEBOOK_WORKDIR") or os.path.abspath("runs/quickstart")
 config = load_config("experiments/configs/tiny.py" if SMOKE else "experiments/configs/fashion_mnist.py")
@@ -72,7 +71,7 @@ config.data.allow_download = IN_COLAB  # Colab downloads the IDX files; elsewher
 config.training.batch_size = 16 if SMOKE else 64
 config.training.num_steps = 40 if SMOKE else 600
 config.sampling.num_steps = 8 if SMOKE else 20
-validate_config(config)
+validate(config)
 print(config.model.unet.preset, "U-Net,", config.training.num_steps, "steps of batch", config.training.batch_size)
 
 # %% [markdown]

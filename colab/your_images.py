@@ -45,8 +45,7 @@ if IN_COLAB:
     subprocess.run(pip + ["--upgrade-strategy=only-if-needed", "-e", f"./diffjax[{accel}]" if accel else "./diffjax"],
                    check=True)
     subprocess.run(pip + ["--no-deps", "openai-clip==1.0.1"], check=True)  # only its CLIP BPE vocabulary file
-    os.chdir("diffjax")
-sys.path.insert(0, os.getcwd())
+    os.chdir("diffjax")  # the recipes (experiments/configs/*.py) are read from the clone
 
 import diffjax  # first: its XLA settings and compilation cache apply from the first array on
 import jax
@@ -93,7 +92,7 @@ if not CAPTIONS_FILE:
 # checks every row first, and writes a tfds dataset once; editing the captions file builds a new one.
 
 # %%
-from experiments.configs import load_config, validate_config
+from diffjax.config import load_config, validate
 
 config = load_config("experiments/configs/text_to_image_folder.py")
 config.data.captions_file = CAPTIONS_FILE
@@ -121,7 +120,7 @@ if SMOKE:  # 10 steps leave nothing to decay; the fine-tune's Trainer then compi
     config.optim.lr_schedule = "constant"
 config.sampling.num_steps = 8 if SMOKE else 25
 config.sampling.prompts = "|".join(f"a {c} {n}" for c in COLOURS for n in ("sneaker", "bag"))
-validate_config(config)
+validate(config)
 
 # %% [markdown]
 # ## Train, with checkpoints

@@ -22,7 +22,8 @@ grow as the noise falls)::
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,21 @@ def check_guidance_schedule(name) -> str:
     if name not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance_schedule must be one of {', '.join(GUIDANCE_SCHEDULES)}, got {name!r}")
     return name
+
+
+def check_guidance_interval(interval, what: str = "guidance_interval") -> Optional[tuple[float, float]]:
+    """(σ_lo, σ_hi) as floats with 0 ≤ σ_lo < σ_hi (σ_hi may be inf), from a pair or a ``"lo,hi"`` string; None
+    (or ``""``) for guidance at every noise level. A one-line ValueError naming ``what`` otherwise."""
+    if interval is None or (isinstance(interval, str) and not interval.strip()):
+        return None
+    try:
+        parts = interval.split(",") if isinstance(interval, str) else list(interval)
+        lo, hi = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be two noise levels 'sigma_lo,sigma_hi', got {interval!r}") from None
+    if not (math.isfinite(lo) and 0.0 <= lo < hi) or math.isnan(hi):
+        raise ValueError(f"{what} must satisfy 0 <= sigma_lo < sigma_hi, got {interval!r}")
+    return lo, hi
 
 
 def guidance_scale_fn(guidance_scale, noise_schedule, guidance_schedule: str = "constant",

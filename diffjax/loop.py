@@ -50,6 +50,7 @@ from tqdm import tqdm
 from diffjax import checkpoints, pipeline, pixels, posthoc_ema
 from diffjax.checkpoints import Checkpointer
 from diffjax.data import describe_dataset, make_dataset
+from diffjax.config import sampling_defaults
 from diffjax.train import Trainer, TrainState
 
 
@@ -264,12 +265,8 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
     # The run's sampling settings; alignment guidance follows the run's heads (a config.alignment.clip_model is
     # for sampling and evaluation after training, not loaded here).
     heads = trainer.models.alignment is not None
-    grid_pipe = pipeline.Text2Image(trainer.models, None, None, trainer.image_shape, sampler=sc.sampler,
-                                    num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                                    timestep_spacing=sc.timestep_spacing, mesh=trainer.mesh,
-                                    guidance_schedule=sc.get("guidance_schedule", "constant"),
-                                    guidance_interval=pipeline.check_guidance_interval(sc.get("guidance_interval", "")),
-                                    alignment_guidance_scale=cfg.alignment.guidance_scale if heads else 0.0)
+    grid_pipe = pipeline.Text2Image(trainer.models, None, None, trainer.image_shape, mesh=trainer.mesh,
+                                    **sampling_defaults(sc, cfg.alignment.guidance_scale if heads else 0.0))
     bar = None
     if lead and tc.progress_bar:
         bar = tqdm(total=last, initial=start, desc="train", dynamic_ncols=True)

@@ -40,6 +40,7 @@ from diffjax.checkpoints import abstract_with_shardings
 from diffjax.models.clip_guide import CLIPGuide
 from diffjax.models.factory import Models, cast_floating, in_dtype
 from diffjax.models.layers import canonical_dtype
+from diffjax.guidance import check_guidance_interval
 from diffjax.pixels import from_uint8, to_uint8
 from diffjax.sampling import SamplingInputs, SamplingSpec, resolve_sampler_options, sampling_program
 from diffjax.text import check_prompts
@@ -163,6 +164,8 @@ class Text2Image:
         With ``ema_sigma_rel`` the parameters are the power-function EMA of that relative width at ``step``,
         built after training from the run's EMA snapshots (``diffjax.posthoc_ema``; ``use_ema`` is then
         unused)."""
+        from diffjax.config import sampling_defaults  # the experiment schema imports the input pipeline (tfds, grain)
+
         ckpt_dir = os.path.join(workdir, "checkpoints")
         ckpt = checkpoints.Checkpointer.existing(ckpt_dir)
         if ckpt is None:
@@ -186,17 +189,11 @@ class Text2Image:
             logging.info("post-hoc EMA of sigma_rel %g at step %d (profile fit: relative residual %.2g)",
                          ema_sigma_rel, step, residual)
         size = int(config.data.image_size) or 32  # the parameters do not depend on the spatial size
-        sc = config.sampling
         logging.info("loaded step %d from %s (%s parameters)", step, ckpt_dir,
                      "raw" if not use_ema and ema_sigma_rel is None else "EMA")
-        pipe = cls(models, params[models.component], params["text"], (size, size, models.image_channels),
-                   sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,
-                   timestep_spacing=sc.timestep_spacing, mesh=mesh, vae_params=params.get("vae"),
-                   guidance_schedule=sc.get("guidance_schedule", "constant"),
-                   guidance_interval=check_guidance_interval(sc.get("guidance_interval", ""),
-                                                             "config.sampling.guidance_interval"),
-                   alignment_params=params.get("alignment"),
-                   alignment_guidance_scale=config.get("alignment", {}).get("guidance_scale", 0.0))
+        pipe = cls(models, params[models.component], params["text"], (size, size, models.image_channels), mesh=mesh,
+                   vae_params=params.get("vae"), alignment_params=params.get("alignment"),
+                   **sampling_defaults(config.sampling, config.get("alignment", {}).get("guidance_scale", 0.0)))
         pipe.config, pipe.step = config, step
         pipe.ema_sigma_rel = ema_sigma_rel
         clip_model = config.get("alignment", {}).get("clip_model", "")
@@ -503,21 +500,6 @@ def check_alignment_scale(scale, what: str = "alignment_guidance_scale") -> floa
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite number >= 0 (0: off), got {scale!r}")
     return value
-
-
-def check_guidance_interval(interval, what: str = "guidance_interval") -> Optional[tuple[float, float]]:
-    """(σ_lo, σ_hi) as floats with 0 ≤ σ_lo < σ_hi (σ_hi may be inf), from a pair or a ``"lo,hi"`` string; None
-    (or ``""``) for guidance at every noise level. A one-line ValueError naming ``what`` otherwise."""
-    if interval is None or (isinstance(interval, str) and not interval.strip()):
-        return None
-    try:
-        parts = interval.split(",") if isinstance(interval, str) else list(interval)
-        lo, hi = (float(p) for p in parts)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be two noise levels 'sigma_lo,sigma_hi', got {interval!r}") from None
-    if not (math.isfinite(lo) and 0.0 <= lo < hi) or math.isnan(hi):
-        raise ValueError(f"{what} must satisfy 0 <= sigma_lo < sigma_hi, got {interval!r}")
-    return lo, hi
 
 
 def _with_shardings(abstract: Any, mesh) -> Any:

@@ -36,6 +36,7 @@ import optax
 
 from diffjax import build, losses, posthoc_ema, sharding, xla_cpu
 from diffjax.checkpoints import abstract_with_shardings
+from diffjax.config import validate
 from diffjax.data import describe_dataset
 from diffjax.data.latents import LatentEncoder
 from diffjax.models.alignment import alignment_loss
@@ -370,14 +371,15 @@ def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callabl
 
 
 class Trainer:
-    """The compiled pieces of training, built once from a config: mesh, models, optimizer, and the jitted,
-    sharded ``init``, ``step`` and ``eval_step``.
+    """The compiled pieces of training, built once from a config (checked first: :func:`diffjax.config.validate`):
+    mesh, models, optimizer, and the jitted, sharded ``init``, ``step`` and ``eval_step``.
 
     The run around them (data, resume, metrics, samples, checkpoints) is ``diffjax.loop.train``; tests and
     notebooks use the parts directly.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, mesh=None, image_shape=None):
+        validate(config)  # a one-line ValueError naming the key, before anything is built
         self.config = config
         if image_shape is None:
             if config.data.image_size and config.data.channels:

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/configs/*.py); --mode=eval "
-                                "reads only its 'evaluation' section (default: experiments/configs/default.py's).",
+                                "reads only its 'evaluation' section (default: diffjax.config.get_config()'s).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, samples and metrics.")
 flags.DEFINE_enum("mode", "train", ["train", "train_classifier", "eval", "sample", "export", "convert"],
@@ -104,27 +104,24 @@ def _exit_with_error(line: str) -> None:
 
 
 def _sampling_kwargs() -> dict:
-    kw = {"sampler": FLAGS.sampler, "num_steps": FLAGS.num_steps, "guidance_scale": FLAGS.guidance_scale,
-          "negative_prompt": FLAGS.negative_prompt, "timestep_spacing": FLAGS.timestep_spacing,
-          "guidance_schedule": FLAGS.guidance_schedule, "alignment_guidance_scale": FLAGS.alignment_guidance_scale}
-    kw = {k: v for k, v in kw.items() if v is not None}
-    if FLAGS.guidance_interval is not None:
-        from diffjax.pipeline import check_guidance_interval
+    from diffjax.config import SAMPLING_KEYWORDS, sampling_defaults
 
-        try:
-            kw["guidance_interval"] = check_guidance_interval(FLAGS.guidance_interval, "--guidance_interval")
-        except ValueError as e:
-            _fail(e)
+    try:  # the flags of config.sampling's keys, those given
+        kw = sampling_defaults({k: getattr(FLAGS, k) for k in SAMPLING_KEYWORDS}, FLAGS.alignment_guidance_scale, "--")
+    except ValueError as e:
+        _fail(e)
+    if FLAGS.negative_prompt is not None:
+        kw["negative_prompt"] = FLAGS.negative_prompt
     return kw
 
 
 def train(config) -> None:
     from diffjax.data import describe_dataset
+    from diffjax.config import validate
     from diffjax.train import Trainer
-    from experiments.configs import validate_config
 
     try:  # bad input fails here, in one line, before anything is compiled
-        validate_config(config)
+        validate(config)
         info = describe_dataset(config.data, config.data.train_split)
         if config.alignment.weight > 0 and config.alignment.positives == "label" and not info.class_names:
             raise ValueError(f"config.alignment.positives='label' needs a labelled dataset; {info.name!r} has no "
@@ -187,11 +184,11 @@ def _load_pipeline():
 
 def evaluate() -> None:
     from diffjax import evaluation, pixels
+    from diffjax.config import get_config
     from diffjax.data import validate_data_config
     from diffjax.loop import MetricWriter
-    from experiments.configs import default
 
-    ec = FLAGS.config.evaluation if FLAGS.config is not None else default.get_config().evaluation
+    ec = FLAGS.config.evaluation if FLAGS.config is not None else get_config().evaluation
     if FLAGS.model and FLAGS.config is None:
         _fail(ValueError("--mode=eval --model=... needs --config for the dataset to compare against"))
     if FLAGS.eval_tag and not all(c.isalnum() or c in "-_.=" for c in FLAGS.eval_tag):

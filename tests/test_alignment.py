@@ -154,14 +154,16 @@ def test_train_step_adds_lambda_times_the_term(alignment_trainer):
 
 
 def test_lambda_zero_is_the_train_step_without_the_term(trainer, fake_config):
-    """λ = 0 builds no heads and compiles the very program of a config without an alignment section (the
-    configs of runs from before the term existed)."""
+    """λ = 0 builds no heads and compiles the very program whatever the rest of ``config.alignment`` says. (A config
+    without the section, a run's from before the term, was compared here until the Trainer validated its config:
+    it now refuses one with a section missing, tests/test_config.py.)"""
     from diffjax.train import Trainer
 
     assert trainer.config.alignment.weight == 0 and trainer.models.alignment is None
-    legacy = fake_config.copy_and_resolve_references()
-    del legacy["alignment"]
-    other = Trainer(legacy)
+    other_settings = fake_config.copy_and_resolve_references()
+    other_settings.alignment.update(loss="cosine", weighting="none", positives="label", channels=(16,), embed_dim=16,
+                                    init_temperature=0.5)
+    other = Trainer(other_settings)
     state = trainer.init()
     assert "alignment" not in state.params
     rng = np.random.default_rng(0)

@@ -18,6 +18,9 @@ INFERENCE = ("diffjax.pipeline", "diffjax.sampling", "diffjax.model_folder", "di
 SAMPLING = "diffjax.sampling"
 # The formats read and write files only: no experiment config (diffjax.build), no pipeline, no checkpoints.
 FORMATS = ("diffjax.model_folder", "diffjax.diffusers_format")
+# The experiment schema (defaults and validation) reads the networks' config classes and the input pipeline's section;
+# what builds, trains or samples reads it, never the other way round.
+SCHEMA = "diffjax.config"
 # The networks: each builds on the shared layers (diffjax.models.layers), none on another network's file.
 NETWORKS = ("diffjax.models.unet", "diffjax.models.dit", "diffjax.models.autoencoder", "diffjax.models.classifier",
             "diffjax.models.inception", "diffjax.models.alignment", "diffjax.models.clip_guide")
@@ -100,6 +103,8 @@ def test_import_graph_has_no_cycle_and_points_one_way():
     for module in FORMATS:
         bad = _reachable(graph, module) & {"diffjax.build", "diffjax.pipeline", "diffjax.checkpoints", *TRAINING}
         assert not bad, f"{module} imports {bad}: a format reads and writes files, the rest is diffjax.build's"
+    bad = _reachable(graph, SCHEMA) & {*TRAINING, "diffjax.pipeline", "diffjax.model_folder", "diffjax.evaluation"}
+    assert not bad, f"{SCHEMA} imports {bad}"
     users_of_both = [m for m in graph if {"diffjax.train", "diffjax.pipeline"} <= graph[m]]
     assert users_of_both == ["diffjax.loop"], users_of_both
 

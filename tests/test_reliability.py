@@ -460,11 +460,11 @@ def test_rotation_never_deletes_the_last_good_checkpoint_for_an_unfinished_one(t
     ("sampling.num_steps", 0, "config.sampling.num_steps=0 must be in 1..1000"),
 ])
 def test_inconsistent_or_out_of_range_config_values_fail_in_one_line(key, value, message):
-    from experiments.configs import load_config, validate_config
+    from diffjax.config import load_config, validate
 
     config = load_config("experiments/configs/fashion_mnist.py", [f"{key}={value}"])
     with pytest.raises(ValueError) as e:
-        validate_config(config)
+        validate(config)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

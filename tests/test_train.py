@@ -149,26 +149,26 @@ def test_bad_input_fails_with_one_line_before_compiling(fake_config, tmp_path, r
 def test_experiment_configs_are_valid(name):
     import importlib
 
-    from experiments.configs import validate_config
+    from diffjax.config import validate
 
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
-    validate_config(config)
+    validate(config)
     # Tuples stay tuples, so that they can be overridden on the command line.
     assert isinstance(config.model.unet.channel_mult, tuple)
     with config.unlocked():
         config.training.bach_size = 3
     with pytest.raises(ValueError, match="unknown config key 'training.bach_size'"):
-        validate_config(config)
+        validate(config)
 
 
 def test_load_config_applies_typed_overrides_and_rejects_unknown_keys():
-    from experiments.configs import load_config, validate_config
+    from diffjax.config import load_config, validate
 
     config = load_config("experiments/configs/fashion_mnist.py", [
         "optim.learning_rate=1", "model.unet.attention_levels=(1, 2)", "diffusion.prediction_type=eps",
         "training.progress_bar=False", "data.num_threads=0",
     ])
-    validate_config(config)
+    validate(config)
     assert config.optim.learning_rate == 1.0 and isinstance(config.optim.learning_rate, float)
     assert config.model.unet.attention_levels == (1, 2)
     assert config.diffusion.prediction_type == "eps"

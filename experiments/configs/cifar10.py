@@ -6,16 +6,16 @@ class names in caption templates ("a photo of a frog"), with a base-size CLIP te
 Needs the tfds ``cifar10`` dataset prepared under ``data.data_dir`` (``tfds build cifar10`` with internet).
 """
 
-from experiments.configs import default
+from diffjax import config as defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.name = "cifar10"
     config.data.image_size = 32
     config.data.channels = 3
     config.data.random_flip = True
-    config.model.unet = default.unet_config("ddpm_cifar10")
+    config.model.unet = defaults.unet_config("ddpm_cifar10")
     config.text.encoder = "base"
     config.diffusion.schedule = "linear"
     config.diffusion.prediction_type = "eps"

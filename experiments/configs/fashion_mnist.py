@@ -18,18 +18,18 @@ against 0.99 / 7.64), zero terminal SNR (0.98 / 7.92), and a post-hoc EMA of ano
 """
 
 from diffjax.data.captions import DEFAULT_TEMPLATES, VARIED_TEMPLATES
-from experiments.configs import default
+from diffjax import config as defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.name = "fashion_mnist"
     config.data.image_size = 28
     config.data.channels = 1
     # 30 wordings rather than 5: with 5 the text encoder learns the wordings, and prompts worded otherwise lose
     # most of their conditioning (RESULTS.md, "Unseen wordings"). The evaluation keeps the first five.
     config.data.caption_templates = VARIED_TEMPLATES
-    config.model.unet = default.unet_config("small", in_channels=1, dropout=0.0, channels=24, channel_mult=(1, 2, 2),
+    config.model.unet = defaults.unet_config("small", in_channels=1, dropout=0.0, channels=24, channel_mult=(1, 2, 2),
                                             num_res_blocks=1, norm_groups=8, attention_levels=(2,))
     config.text.encoder = "tiny"  # 2 layers, width 32: plenty for ten classes in a few wordings
     config.text.max_length = 16  # the longest caption is 13 tokens (with its start and end tokens)

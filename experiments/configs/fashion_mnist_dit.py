@@ -6,12 +6,13 @@ objective and budget, so that the two denoisers compare at equal compute (benchm
     python -m experiments.main --config=experiments/configs/fashion_mnist_dit.py --workdir=runs/fashion_mnist_dit
 """
 
-from experiments.configs import default, fashion_mnist
+from diffjax import config as defaults
+from experiments.configs import fashion_mnist
 
 
 def get_config():
     # The recipe the U-Net/DiT comparison in RESULTS.md was measured with, not the demo's current one.
     config = fashion_mnist.five_wordings_recipe(fashion_mnist.get_config())
     config.model.name = "dit"
-    config.model.dit = default.dit_config("fashion_mnist")
+    config.model.dit = defaults.dit_config("fashion_mnist")
     return config

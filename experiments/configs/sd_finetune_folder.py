@@ -9,11 +9,11 @@ an accelerator (an 860M-parameter U-Net).
         --config.model.pretrained=/path/to/diffusers/folder]
 """
 
-from experiments.configs import default
+from diffjax import config as defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
     config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     config.model.unet.remat = True  # compute settings of the pretrained U-Net: activations recomputed per block
     config.model.unet.dtype = "bfloat16"  # bf16 compute, float32 parameters and optimizer state

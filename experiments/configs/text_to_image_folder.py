@@ -5,11 +5,11 @@ local copy of ``openai/clip-vit-base-patch32``):
         --config.data.captions_file=/path/captions.jsonl --config.data.image_size=64
 """
 
-from experiments.configs import default
+from diffjax import config as defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.name = "image_folder"
     config.data.captions_file = ""  # required: .jsonl or .csv of (file, caption)
     config.data.image_size = 64
@@ -17,7 +17,7 @@ def get_config():
     config.data.random_flip = True
     config.data.eval_split = "train[:2%]"
     config.data.train_split = "train[2%:]"
-    config.model.unet = default.unet_config("small", in_channels=3, channel_mult=(1, 2, 2, 4), dropout=0.1)
+    config.model.unet = defaults.unet_config("small", in_channels=3, channel_mult=(1, 2, 2, 4), dropout=0.1)
     config.text.encoder = "openai/clip-vit-base-patch32"
     config.text.pretrained = True
     config.text.trainable = False

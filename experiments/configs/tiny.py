@@ -2,14 +2,14 @@
 minute cold, most of it compiling the train step and the sampler; about 17 s once the compilation cache
 holds them)."""
 
-from experiments.configs import default
+from diffjax import config as defaults
 
 
 def get_config():
-    config = default.get_config()
+    config = defaults.get_config()
     config.data.image_size = 8
-    config.model.unet = default.unet_config("tiny", in_channels=1)
-    config.model.dit = default.dit_config("tiny", in_channels=1)  # with --config.model.name=dit
+    config.model.unet = defaults.unet_config("tiny", in_channels=1)
+    config.model.dit = defaults.dit_config("tiny", in_channels=1)  # with --config.model.name=dit
     config.text.encoder = "tiny"
     config.text.max_length = 16
     config.training.batch_size = 8
