@@ -291,7 +291,7 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
             logging.info("step %d: loss %.4f%s, %.2f s/step, %.0f images/s", step, m["loss"], extra, m["step_time"],
                          m["images_per_second"])
 
-    def evaluate(step):
+    def write_eval_loss(step):
         it = make_dataset(cfg.data, enc, split=cfg.data.eval_split, seed=cfg.seed, shuffle=False, **data_kw)
         key = jax.random.PRNGKey(cfg.seed + 2)
         vals = [trainer.eval_step(state, trainer.shard_batch(next(it)), key) for _ in range(tc.eval_batches)]
@@ -307,7 +307,7 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
             pixels.save_image(grid, os.path.join(workdir, "samples", f"step_{step:06d}.png"), scale=2)
             writer.write_image(step, "samples", grid)
 
-    actions = [Periodic(tc.log_every, log_metrics, last), Periodic(tc.eval_every, evaluate, last, at_end=False),
+    actions = [Periodic(tc.log_every, log_metrics, last), Periodic(tc.eval_every, write_eval_loss, last, at_end=False),
                Periodic(tc.sample_every, write_samples, last)]
     checkpoint = Periodic(tc.checkpoint_every, None, last)
     snapshot = Periodic(int(cfg.ema.get("snapshot_every", 0)), None, last)  # 0 (never) exactly when snaps is None

@@ -20,9 +20,7 @@ Several processes (a TPU pod slice, or several GPU hosts) are joined through ``j
 environment configures them (see ``diffjax.sharding.initialize_distributed``).
 """
 
-import json
 import logging as std_logging
-import math
 import os
 import sys
 
@@ -182,78 +180,27 @@ def _load_pipeline():
         _fail(e)
 
 
-def evaluate() -> None:
-    from diffjax import evaluation, pixels
+def evaluate_text2image() -> None:
+    from diffjax import evaluation
     from diffjax.config import get_config
-    from diffjax.data import validate_data_config
-    from diffjax.loop import MetricWriter
 
     ec = FLAGS.config.evaluation if FLAGS.config is not None else get_config().evaluation
     if FLAGS.model and FLAGS.config is None:
         _fail(ValueError("--mode=eval --model=... needs --config for the dataset to compare against"))
-    if FLAGS.eval_tag and not all(c.isalnum() or c in "-_.=" for c in FLAGS.eval_tag):
-        _fail(ValueError(f"--eval_tag={FLAGS.eval_tag!r}: use letters, digits and - _ . = only (it names a folder)"))
+    try:  # flag errors before the pipeline loads
+        evaluation.check_tag(FLAGS.eval_tag, "--eval_tag")
+        scales = evaluation.check_guidance_scales(FLAGS.guidance_scales, "--guidance_scales")
+    except ValueError as e:
+        _fail(e)
     pipe = _load_pipeline()
+    sampling = _sampling_kwargs()
     try:
-        data_config = validate_data_config((pipe.config or FLAGS.config).data)
-        classifier = evaluation.FeatureNet.from_checkpoint(ec.classifier_workdir)
-        from diffjax.data.captions import check_templates
-
-        templates = tuple(ec.get("prompt_templates", ()))
-        if templates:
-            check_templates(templates, "config.evaluation.prompt_templates")
-        scales = [float(w) for w in FLAGS.guidance_scales]
-        if any(not math.isfinite(w) or w < 0 for w in scales):
-            raise ValueError(f"--guidance_scales must be finite numbers >= 0, got {','.join(FLAGS.guidance_scales)}")
+        result = evaluation.write_text2image_evaluation(
+            pipe, (pipe.config or FLAGS.config).data, ec, FLAGS.workdir, tag=FLAGS.eval_tag, seed=FLAGS.seed,
+            guidance_scales=scales, ema_sigma_rel=FLAGS.ema_sigma_rel, **sampling)
     except (ValueError, OSError) as e:
         _fail(e)
-    sampling = _sampling_kwargs()
-    metrics, images, prompts = evaluation.evaluate_text2image(
-        pipe, data_config, classifier, images_per_class=int(ec.images_per_class), seed=FLAGS.seed,
-        batch_size=int(ec.batch_size), inception_weights=ec.inception_weights, clip_model=ec.clip_model,
-        guidance_scales=scales, prompt_templates=templates, **sampling)
-    metrics.update(step=pipe.step, sampler=FLAGS.sampler or pipe.defaults["sampler"],
-                   num_steps=FLAGS.num_steps or pipe.defaults["num_steps"],
-                   guidance_scale=pipe.defaults["guidance_scale"] if FLAGS.guidance_scale is None
-                   else FLAGS.guidance_scale, timestep_spacing=FLAGS.timestep_spacing or pipe.timestep_spacing,
-                   guidance_schedule=sampling.get("guidance_schedule", pipe.defaults["guidance_schedule"]),
-                   guidance_interval=sampling.get("guidance_interval", pipe.defaults["guidance_interval"]),
-                   alignment_guidance_scale=sampling.get("alignment_guidance_scale",
-                                                         pipe.defaults["alignment_guidance_scale"]))
-    if FLAGS.ema_sigma_rel is not None:
-        metrics["ema_sigma_rel"] = FLAGS.ema_sigma_rel
-    name = f"step_{pipe.step:06d}" if pipe.step is not None else "model"
-    out = os.path.join(FLAGS.workdir, "eval", name + (f"_{FLAGS.eval_tag}" if FLAGS.eval_tag else ""))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    per_class = int(ec.images_per_class)
-    cols = min(per_class, 10)
-    n_classes = len(images) // per_class
-    grid_rows = images.reshape(n_classes, per_class, *images.shape[1:])[:, :cols]
-    grid = pixels.image_grid(grid_rows.reshape(-1, *images.shape[1:]), rows=n_classes)
-    pixels.save_image(grid, os.path.join(out, "grid.png"), scale=2)
-    writer = MetricWriter(os.path.join(FLAGS.workdir, "tensorboard"))
-    step = pipe.step or 0
-    prefix = f"eval_{FLAGS.eval_tag}/" if FLAGS.eval_tag else "eval/"
-    writer.write_scalars(step, {k: v for k, v in metrics.items() if isinstance(v, float)}, prefix=prefix)
-    writer.write_image(step, prefix + "grid", grid)
-    writer.close()
-    print(f"{'step ' + str(pipe.step) if pipe.step is not None else FLAGS.model}: conditioning accuracy {metrics['conditioning_accuracy']:.4f} "
-          f"(classifier on real test images {metrics['classifier_test_accuracy']:.4f}; relative "
-          f"{metrics['relative_conditioning_accuracy']:.4f}), Fréchet distance {metrics['fd']:.3f} "
-          f"(train-vs-test floor {metrics['fd_train_floor']:.3f})"
-          + (f", FID {metrics['fid']:.2f}" if "fid" in metrics else "")
-          + (f", CLIP score {metrics['clip_score']:.2f}" if "clip_score" in metrics else ""))
-    if scales:
-        title = (f"{metrics['sampler']}, {metrics['num_steps']} steps, schedule {metrics['guidance_schedule']}, "
-                 f"interval {metrics['guidance_interval'] or 'all'}")
-        for path in evaluation.write_frontier(metrics["frontier"], metrics["fd_train_floor"], out, title):
-            print(f"frontier: {path}")
-        for row in metrics["frontier"]:
-            print(f"  guidance {row['guidance_scale']:g}: relative accuracy {row['relative_conditioning_accuracy']:.4f}, "
-                  f"Fréchet distance {row['fd']:.3f}")
-    print(f"metrics: {os.path.join(out, 'metrics.json')}; grid: {os.path.join(out, 'grid.png')}")
+    print("\n".join(result.summary_lines(f"step {pipe.step}" if pipe.step is not None else FLAGS.model)))
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -368,7 +315,7 @@ def _dispatch(argv) -> None:
     if FLAGS.mode in ("train", "train_classifier") and FLAGS.config is None:
         _fail(ValueError(f"--mode={FLAGS.mode} needs --config (see experiments/configs/)"))
     modes = {"train": lambda: train(FLAGS.config), "train_classifier": lambda: train_classifier(FLAGS.config),
-             "eval": evaluate, "sample": sample, "export": export, "convert": convert}
+             "eval": evaluate_text2image, "sample": sample, "export": export, "convert": convert}
     modes[FLAGS.mode]()
 
 

@@ -109,6 +109,22 @@ def test_import_graph_has_no_cycle_and_points_one_way():
     assert users_of_both == ["diffjax.loop"], users_of_both
 
 
+def test_evaluation_sits_on_top_of_the_library():
+    """diffjax.evaluation sits on top, beside the command line: no other library module imports it. Its metrics
+    and classifier need nothing of diffjax's training or sampling (the classifier trains without diffjax.train),
+    and its report nothing of diffjax at all."""
+    graph = _graph()
+    evaluation = {m for m in graph if m == "diffjax.evaluation" or m.startswith("diffjax.evaluation.")}
+    assert {"diffjax.evaluation.metrics", "diffjax.evaluation.classifier", "diffjax.evaluation.text_to_image",
+            "diffjax.evaluation.report"} <= evaluation
+    importers = sorted(m for m in graph if m not in evaluation and graph[m] & evaluation)
+    assert not importers, f"{importers} import diffjax.evaluation"
+    for module in ("diffjax.evaluation.metrics", "diffjax.evaluation.classifier"):
+        bad = _reachable(graph, module) & (set(TRAINING) | set(INFERENCE))
+        assert not bad, f"{module} imports training or sampling modules {bad}"
+    assert not _reachable(graph, "diffjax.evaluation.report")
+
+
 def test_no_private_name_is_imported_across_modules():
     files = dict(MODULES)
     for package in ("experiments", "benchmarks"):
