@@ -6,7 +6,7 @@ a 3×3, 64 -> 64 channel convolution at 32×32, batch 32, kept 1.0 of 2 cores bu
 convolution kernel kept 1.8 busy (150 GFLOP/s, 1.56x faster; AMD EPYC, 2 cores). The flag
 ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` leaves the matmuls with YNNPACK (they use
 every core there) and gives the convolutions back to XLA. Measured on the suite's jobs, with and without the flag
-side by side (``benchmarks/ab.py --old-env``; benchmarks/RESULTS.md): the fashion_mnist config's train step 1.22x,
+side by side (``benchmarks/suite/ab.py --old-env``; docs/lab_notebook.md): the fashion_mnist config's train step 1.22x,
 the matched U-Net's 50-step sampler 1.24x faster.
 With XLA's kernels the weight gradients of convolutions are no longer slow either, so the U-Net's automatic
 ``conv_impl`` follows :func:`convolutions_from_xla` (XLA's own transposed convolution instead of the bands).
@@ -21,7 +21,7 @@ pages: 205,000 page faults and 16% of the CPU time of each matched train step sp
 1,800-5,300 faults, 0-1%). glibc's own settings that keep the memory (one arena, a high mmap threshold) remove
 the faults but serialise the threads' allocations (the fashion_mnist step 0.825x as fast). tcmalloc keeps freed
 pages in per-thread and central caches: the matched train step and the fashion_mnist (demo) step ran 1.28x
-faster with it preloaded, PyTorch's 1.02x (``benchmarks/ab.py --old-env LD_PRELOAD=...``; benchmarks/RESULTS.md).
+faster with it preloaded, PyTorch's 1.02x (``benchmarks/suite/ab.py --old-env LD_PRELOAD=...``; docs/lab_notebook.md).
 A process cannot change its allocator once started, so :func:`exec_with_tcmalloc` starts the program again with
 ``LD_PRELOAD`` naming tcmalloc (Debian's ``libtcmalloc-minimal4``) when the library is installed, as the command
 line does first thing.
@@ -32,7 +32,7 @@ activations after all. XLA:CPU's pipeline removes the barriers (its ``cse_barrie
 common-subexpression elimination that follows layout assignment, which then merges them: the matched U-Net's train
 step at batch 64 peaked at 3,359 MiB without remat and 3,216 MiB with it. :func:`compiler_options` leaves that
 pass out of a program's compilation, and XLA:CPU compiles and runs the barriers as they are: 1,182 MiB with
-remat (65% less; ``benchmarks/run.py --sections memory``), for 1.21x the step's time (batch 16). ``train.Trainer``
+remat (65% less; ``benchmarks/suite/run.py --sections memory``), for 1.21x the step's time (batch 16). ``train.Trainer``
 compiles its step with them.
 
 Compile time. XLA:CPU compiles every fusion as a kernel of its own and does not fuse independent reductions

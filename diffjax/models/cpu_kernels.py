@@ -31,7 +31,7 @@ def banded_conv(x: Array, w: Array, padding: tuple, precision=None) -> Array:
     same numbers as XLA's transposed convolution. Written out because inside a while loop (a sampler's
     ``lax.scan`` taking ``∇_x`` at every step, as alignment guidance does) XLA:CPU folds that kernel transpose
     into the convolution's dimension labels (``01oi``) and lowers it to a generic convolution, ~40x slower than
-    the fused one it emits outside loops (``benchmarks/alignment_cost.py``'s probe). The weight gradient
+    the fused one it emits outside loops (``benchmarks/studies/alignment_cost.py``'s probe). The weight gradient
 
     .. math:: \frac{\partial L}{\partial w_{ijcd}} = \sum_{b,h,w} x^{\mathrm{pad}}_{b,h+i,w+j,c}\,
               g_{b,h,w,d}
@@ -42,7 +42,7 @@ def banded_conv(x: Array, w: Array, padding: tuple, precision=None) -> Array:
     whose window is the whole B x H x W output, and that is up to 20x slower than the forward pass for
     some shapes (e.g. 48 -> 48 channels at 28 x 28, batch 64: 560 ms vs 29 ms, jax 0.10 on 2 cores);
     bands of 7 rows bring it to 70 ms. The batch dimension is left whole, so a batch sharded across
-    devices stays sharded. ``benchmarks/conv_grad.py`` measures it.
+    devices stays sharded. ``benchmarks/studies/conv_grad.py`` measures it.
     """
     return _conv_nhwc(x, w, padding, precision)
 

@@ -254,7 +254,7 @@ class UNetConfig(PresetConfig):
         return PRESETS
 
 
-# Named presets: field overrides of UNetConfig. Parameter counts are in benchmarks/RESULTS_unet.md.
+# Named presets: field overrides of UNetConfig. Parameter counts: docs/lab_notebook.md.
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: two levels, one res block each, ~60k parameters.
     "tiny": dict(
