@@ -1,12 +1,12 @@
 """The embedded default: captioned Fashion-MNIST at 28×28, a ~0.79M-parameter U-Net (cross-attention at 7×7
 and in the middle block) conditioned on a tiny CLIP text transformer trained from scratch (as LDM trained its
-text encoder), sized for a CPU budget: ~1.3 s per step at batch 64 on 2 cores, so 600 steps take ~13 minutes.
+text encoder), sized for a CPU budget: 600 steps at batch 64 take minutes on 2 cores (docs/standings.md).
 
     python -m experiments.main --config=experiments/configs/fashion_mnist.py --workdir=runs/fashion_mnist
 
 Choices measured at this budget (600 steps, batch 64; conditioning accuracy relative to real images, 300
 images, DPM-Solver++ 20 steps, guidance 5; docs/lab_notebook.md): learning rate 1e-3 → 0.77, 2e-3 → 0.92,
-3e-3 → 0.97; ε-prediction at 2e-3 → 0.89; cross-attention also at 14×14 doubled the step time; guidance
+3e-3 → 0.97; ε-prediction at 2e-3 → 0.89; cross-attention also at 14×14 dropped for its step time; guidance
 only below σ = 5.42 → the same accuracy at a lower Fréchet distance; EDM's log-normal noise levels → 0.62.
 The image–text alignment term at λ = 0.005 (two training seeds): higher accuracy at every guidance scale, so
 guidance 3 reaches 0.98 relative at a Fréchet distance of 7.2 where λ = 0 needs guidance 5 for 0.96 at 8.2.
@@ -65,7 +65,7 @@ def get_config():
     # Fréchet distance falls from 9.93 to 8.40 for a relative accuracy of 0.983 instead of 0.998 (lab notebook).
     config.sampling.guidance_interval = "0,5.42"
     config.sampling.images_per_prompt = 6
-    config.evaluation.images_per_class = 30  # 300 images: ~2.5 min to generate on 2 cores
+    config.evaluation.images_per_class = 30  # 300 images: minutes to generate on 2 cores
     config.evaluation.prompt_templates = DEFAULT_TEMPLATES  # the wordings every figure in docs/lab_notebook.md used
     return config
 
