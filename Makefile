@@ -36,7 +36,8 @@ $(TCMALLOC_LIB):
 		|| sudo apt-get install -y -q libtcmalloc-minimal4
 
 # The feature network of the metrics (trained once, 2-4 min), then the text-to-image model (6-16 min),
-# then its evaluation: a grid for every class and the metrics (WORKDIR/eval/step_*/).
+# then its evaluation: a grid for every class and the metrics (WORKDIR/eval/step_*/); last, the model folder
+# WORKDIR/model that README's Python example loads.
 $(CLASSIFIER)/metrics.json: | venv $(FMNIST_IDX) $(TCMALLOC_LIB)
 	$(MAIN) --mode=train_classifier --config=experiments/configs/fashion_mnist_classifier.py --workdir=$(CLASSIFIER)
 
@@ -44,6 +45,7 @@ demo: venv $(FMNIST_IDX) $(TCMALLOC_LIB) $(CLASSIFIER)/metrics.json
 	$(MAIN) --config=experiments/configs/fashion_mnist.py --workdir=$(WORKDIR)
 	$(MAIN) --mode=eval --config=experiments/configs/fashion_mnist.py --workdir=$(WORKDIR) \
 		--config.evaluation.classifier_workdir=$(CLASSIFIER)
+	$(MAIN) --mode=export --workdir=$(WORKDIR) --out=$(WORKDIR)/model
 
 # The notebooks (tests/test_notebooks.py) train on the real Fashion-MNIST files. Two pytest-xdist workers, a test
 # file each at a time (TEST_WORKERS=0: all in this process); tests/conftest.py builds what they share once.

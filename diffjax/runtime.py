@@ -8,9 +8,9 @@ command line without its user knowing about them:
   line, a notebook or a script, is loaded from disk the next time instead of compiled again
   (``DIFFJAX_COMPILATION_CACHE=off`` turns it off).
 
-What cannot be chosen once a process runs is its memory allocator: XLA:CPU's steps run ~1.28x faster under
-tcmalloc (:mod:`diffjax.xla_cpu`); the command line restarts itself under it, a program or a notebook kernel has to
-be started with ``LD_PRELOAD=$(python -c 'from diffjax import xla_cpu; print(xla_cpu.tcmalloc_path())')``.
+What cannot be chosen once a process runs is its memory allocator: XLA:CPU's steps run faster under tcmalloc
+(:mod:`diffjax.xla_cpu`; docs/performance.md); the command line restarts itself under it, a program or a notebook
+kernel has to be started with ``LD_PRELOAD=$(python -c 'from diffjax import xla_cpu; print(xla_cpu.tcmalloc_path())')``.
 """
 
 import os

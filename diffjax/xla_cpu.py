@@ -1,13 +1,11 @@
 """XLA:CPU's choices: its convolution kernels and the process's memory allocator (made before it starts), the
 compile options that keep remat's recomputation apart (per program), and the train step's count of kernels.
 
-jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default, and YNNPACK runs each convolution on one thread:
-a 3×3, 64 -> 64 channel convolution at 32×32, batch 32, kept 1.0 of 2 cores busy (96 GFLOP/s) where XLA's own
-convolution kernel kept 1.8 busy (150 GFLOP/s, 1.56x faster; AMD EPYC, 2 cores). The flag
+jaxlib 0.10's XLA:CPU hands convolutions to YNNPACK by default, and YNNPACK runs each convolution on one thread,
+where XLA's own convolution kernel keeps every core busy. The flag
 ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution`` leaves the matmuls with YNNPACK (they use
-every core there) and gives the convolutions back to XLA. Measured on the suite's jobs, with and without the flag
-side by side (``benchmarks/ab.py --old-env``; benchmarks/RESULTS.md): the fashion_mnist config's train step 1.22x,
-the matched U-Net's 50-step sampler 1.24x faster.
+every core there) and gives the convolutions back to XLA; the suite's train step and sampler run faster with it,
+measured side by side with ``benchmarks/suite/ab.py --old-env`` (the figures: docs/performance.md).
 With XLA's kernels the weight gradients of convolutions are no longer slow either, so the U-Net's automatic
 ``conv_impl`` follows :func:`convolutions_from_xla` (XLA's own transposed convolution instead of the bands).
 
@@ -17,11 +15,11 @@ Its effect is process-wide (every CPU program compiled afterwards) and inherited
 
 The memory allocator. XLA:CPU allocates each call's temporaries with ``malloc`` and frees them at the call's end;
 glibc returns blocks that large to the kernel, so every call faults its temporaries in again as fresh zeroed
-pages: 205,000 page faults and 16% of the CPU time of each matched train step spent in the kernel (PyTorch:
-1,800-5,300 faults, 0-1%). glibc's own settings that keep the memory (one arena, a high mmap threshold) remove
-the faults but serialise the threads' allocations (the fashion_mnist step 0.825x as fast). tcmalloc keeps freed
-pages in per-thread and central caches: the matched train step and the fashion_mnist (demo) step ran 1.28x
-faster with it preloaded, PyTorch's 1.02x (``benchmarks/ab.py --old-env LD_PRELOAD=...``; benchmarks/RESULTS.md).
+pages, and a train step spends a good share of its CPU time in the kernel (PyTorch's allocator keeps its memory).
+glibc's own settings that keep the memory (one arena, a high mmap threshold) remove the faults but serialise the
+threads' allocations, which slowed the demo's step down. tcmalloc keeps freed pages in per-thread and central
+caches, and the train steps run faster with it preloaded (``benchmarks/suite/ab.py --old-env LD_PRELOAD=...``;
+the figures: docs/performance.md).
 A process cannot change its allocator once started, so :func:`exec_with_tcmalloc` starts the program again with
 ``LD_PRELOAD`` naming tcmalloc (Debian's ``libtcmalloc-minimal4``) when the library is installed, as the command
 line does first thing.
@@ -29,11 +27,11 @@ line does first thing.
 Remat. ``jax.checkpoint`` (``nn.remat``) recomputes a block's forward pass in the backward pass behind an
 optimisation barrier, so that the compiler does not merge the recomputation with the original and keep the
 activations after all. XLA:CPU's pipeline removes the barriers (its ``cse_barrier_expander`` pass) before the
-common-subexpression elimination that follows layout assignment, which then merges them: the matched U-Net's train
-step at batch 64 peaked at 3,359 MiB without remat and 3,216 MiB with it. :func:`compiler_options` leaves that
-pass out of a program's compilation, and XLA:CPU compiles and runs the barriers as they are: 1,182 MiB with
-remat (65% less; ``benchmarks/run.py --sections memory``), for 1.21x the step's time (batch 16). ``train.Trainer``
-compiles its step with them.
+common-subexpression elimination that follows layout assignment, which then merges them, and remat saves almost
+no memory. :func:`compiler_options` leaves that pass out of a program's compilation, and XLA:CPU compiles and runs
+the barriers as they are: remat then trades the recomputation's time for the memory, as on an accelerator
+(``benchmarks/suite/run.py --sections memory``; the figures: docs/performance.md). ``train.Trainer`` compiles its
+step with them.
 
 Compile time. XLA:CPU compiles every fusion as a kernel of its own and does not fuse independent reductions
 together, so a train step's compile time grows with its count of parameter arrays: the gradient's global norm

@@ -1,5 +1,5 @@
 """The KL autoencoder (diffjax.models.autoencoder): shapes, the posterior's closed forms, chunked decoding, the
-preset sizes and bad input. Its agreement with diffusers' AutoencoderKL is in tests/test_convert.py."""
+preset sizes and bad input. Its agreement with diffusers' AutoencoderKL is in tests/test_diffusers_format.py."""
 
 import jax
 import jax.numpy as jnp

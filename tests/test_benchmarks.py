@@ -1,5 +1,5 @@
-"""The performance suite (benchmarks/run.py, benchmarks/suite_jobs.py): the architectures it compares are equal
-in every framework, and its driver measures what it says it measures.
+"""The performance suite (benchmarks/suite/run.py, suite_jobs.py): the architectures it compares are equal in every
+framework, and its driver measures what it says it measures.
 
 The timings themselves are not asserted (timed assertions are flaky); what is asserted is that the comparison is
 fair (equal parameter counts, the same batch) and that the driver runs its jobs end to end and reports them.
@@ -14,7 +14,7 @@ import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "suite"))
 
 import suite_jobs  # noqa: E402
 
@@ -48,16 +48,16 @@ def test_matched_unet_has_the_same_parameters_in_all_three_frameworks():
 
 @pytest.mark.parametrize("name", ["small", "ddpm_cifar10", "sd"])
 def test_gpu_presets_match_diffusers_pytorch(name):
-    """benchmarks/gpu.sh compares these against diffusers' PyTorch U-Net: the same architecture."""
+    """benchmarks/suite/gpu.sh compares these against diffusers' PyTorch U-Net: the same architecture."""
     spec = suite_jobs.SPECS[name]
     assert _diffjax_params(spec) == _torch_params(spec)
 
 
-@pytest.mark.process("benchmarks/run.py is a program of its own, with its worker processes")
+@pytest.mark.process("benchmarks/suite/run.py is a program of its own, with its worker processes")
 def test_driver_times_diffjax_and_pytorch_train_steps(tmp_path, subprocess_env):
     out = tmp_path / "suite.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--spec", "tiny", "--sections", "train",
+        [sys.executable, os.path.join(ROOT, "benchmarks", "suite", "run.py"), "--spec", "tiny", "--sections", "train",
          "--jobs", "matmul peak,diffjax train,pytorch train", "--rounds", "2", "--round-seconds", "0",
          "--out", str(out)], env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -75,7 +75,7 @@ def test_driver_times_diffjax_and_pytorch_train_steps(tmp_path, subprocess_env):
 
 
 def test_profile_step_sums_kernel_time_by_kernel_and_kind(tmp_path):
-    """benchmarks/profile_step.py: only kernel executions (events naming an hlo_op) count, summed per kernel and
+    """benchmarks/suite/profile_step.py: only kernel executions (events naming an hlo_op) count, summed per kernel and
     per kind, and each listed kernel is shown with its instruction from the dumped optimized HLO."""
     import profile_step
 

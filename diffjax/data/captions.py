@@ -76,7 +76,7 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 
 # Thirty training wordings: the five above and 25 more. They share only "a", "of" and "image" with
 # HELD_OUT_TEMPLATES, so a model trained on these and prompted with those meets words it never saw (studio, shot,
-# one, for, sale, catalogue, small, on, plain, background; benchmarks/RESULTS.md, "Unseen wordings").
+# one, for, sale, catalogue, small, on, plain, background; docs/lab_notebook.md, "Unseen wordings").
 VARIED_TEMPLATES: tuple[str, ...] = DEFAULT_TEMPLATES + (
     "a close-up photo of a {}", "a grayscale picture of a {}", "a low resolution photo of a {}",
     "a blurry photo of a {}", "a cropped photo of a {}", "a bright photo of a {}", "a dark photo of a {}", "the {}",

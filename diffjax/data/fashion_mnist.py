@@ -11,7 +11,7 @@ position in the IDX file).  Captions are not stored: the input pipeline picks on
 load time from the label, with a seeded RNG, from templates x class phrases
 (:mod:`diffjax.data.captions`), so the wording varies and can change without a rebuild::
 
-    builder = prepare_fashion_mnist(data_dir="~/tensorflow_datasets")   # ~10 s the first time
+    builder = prepare_fashion_mnist(data_dir="~/tensorflow_datasets")   # written the first time only
     source = builder.as_data_source(split="train")                       # random access, no TF
     source[0]  # {"image": uint8 (28, 28, 1), "label": 9, "index": ...}
 """

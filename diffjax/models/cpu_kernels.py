@@ -30,8 +30,8 @@ def banded_conv(x: Array, w: Array, padding: tuple, precision=None) -> Array:
     output gradient with the kernel flipped in space and transposed in its channels (padding ``k - 1 - p``), the
     same numbers as XLA's transposed convolution. Written out because inside a while loop (a sampler's
     ``lax.scan`` taking ``∇_x`` at every step, as alignment guidance does) XLA:CPU folds that kernel transpose
-    into the convolution's dimension labels (``01oi``) and lowers it to a generic convolution, ~40x slower than
-    the fused one it emits outside loops (``benchmarks/alignment_cost.py``'s probe). The weight gradient
+    into the convolution's dimension labels (``01oi``) and lowers it to a generic convolution, many times slower
+    than the fused one it emits outside loops (``benchmarks/studies/alignment_cost.py``'s probe). The weight gradient
 
     .. math:: \frac{\partial L}{\partial w_{ijcd}} = \sum_{b,h,w} x^{\mathrm{pad}}_{b,h+i,w+j,c}\,
               g_{b,h,w,d}
@@ -39,10 +39,9 @@ def banded_conv(x: Array, w: Array, padding: tuple, precision=None) -> Array:
     is split over bands of ~``_BAND_ROWS`` output rows ``h``, each band's term being the weight gradient of
     the convolution of its rows (plus the ``kh - 1`` halo rows) with no vertical padding. The sum is the
     same; only the summation order differs. Why: XLA:CPU lowers the weight gradient to a convolution
-    whose window is the whole B x H x W output, and that is up to 20x slower than the forward pass for
-    some shapes (e.g. 48 -> 48 channels at 28 x 28, batch 64: 560 ms vs 29 ms, jax 0.10 on 2 cores);
-    bands of 7 rows bring it to 70 ms. The batch dimension is left whole, so a batch sharded across
-    devices stays sharded. ``benchmarks/conv_grad.py`` measures it.
+    whose window is the whole B x H x W output, and that is many times slower than the forward pass for
+    some shapes; summed over bands of 7 rows it is not (``benchmarks/studies/conv_grad.py`` measures both; the
+    figures: docs/performance.md). The batch dimension is left whole, so a batch sharded across devices stays sharded.
     """
     return _conv_nhwc(x, w, padding, precision)
 

@@ -351,7 +351,7 @@ def init_params(seed: int = 0) -> dict:
     """Random variables, fc included: He-normal kernels, zero biases, BatchNorm scale 1, mean 0, var 1.
 
     Drawn with NumPy from :func:`jax.eval_shape` shapes (compiling Flax's own initialisers for ~95
-    kernels takes ~40 s on a CPU; this takes ~2 s). For tests and shape checks only: FID needs
+    kernels takes many times longer on a CPU; docs/performance.md). For tests and shape checks only: FID needs
     :func:`load_pytorch_fid_weights`.
     """
     rng = np.random.default_rng(seed)

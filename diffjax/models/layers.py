@@ -130,8 +130,7 @@ class GroupNorm(nn.Module):
     into one per-(sample, channel) affine map ``y = x a + b`` (one pass over x forward and backward),
     computed in float32 and cast to ``dtype``. The moments are summed over positions first, per channel, and
     then over each group's channels: one reduction over both axes of the (B, P, G, C/G) view is what XLA:CPU
-    runs 2-5x slower (the whole normalisation at 32×32×64, batch 32: 9.5 -> 1.9 ms forward, 10.7 -> 4.8 ms
-    with its gradient; the suite's sampler 1.047x and train step 1.043x faster; jax 0.10.2, 2-core CPU).
+    runs several times slower (the figures: docs/performance.md).
     """
 
     num_groups: int
@@ -226,8 +225,8 @@ def _einsum_attention(q, k, v, mask):
     in jax 0.10.2 on CPU: 3 copies + 2 transposes of the logits per attention in a training step). q, k and
     v are moved to (B, N, T, D) first, so both products are batched over (B, N) with the contracted axis
     last or second to last: written on (B, T, N, D) directly, the second product's output came out of
-    XLA:CPU laid out (B, N, D, T) and had to be transposed back, which made the matched U-Net's forward pass
-    1.29x slower (forward at batch 32, 2-core CPU, jax 0.10.2; the backward pass unchanged). Masked logits
+    XLA:CPU laid out (B, N, D, T) and had to be transposed back, which made the U-Net's forward pass slower
+    (the figures: docs/performance.md). Masked logits
     get the same finite large negative value, so a row without real tokens gives no NaN."""
     q = (q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)).transpose(0, 2, 1, 3)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)

@@ -107,8 +107,8 @@ class UNetConfig(PresetConfig):
       conv_impl: how the weight gradients of the stride-1 convolutions are computed (the forward pass and
         the input gradients are XLA's convolutions either way). ``"xla"``: XLA's own transposed
         convolution; ``"banded"``: the same sum split into bands of ~7 output rows (see
-        :func:`diffjax.models.cpu_kernels.banded_conv`), up to 8x faster with XLA:CPU's default (YNNPACK)
-        convolutions; ``None`` (auto):
+        :func:`diffjax.models.cpu_kernels.banded_conv`), much faster for some shapes with XLA:CPU's default
+        (YNNPACK) convolutions (docs/performance.md); ``None`` (auto):
         ``"banded"`` on the CPU backend with YNNPACK's convolutions, ``"xla"`` elsewhere, and on the CPU
         with XLA's own convolution kernels (:mod:`diffjax.xla_cpu`: there XLA's weight gradient is the faster).
       gelu_approximate: the GEGLU feed-forward's GELU in its tanh approximation (True) or exact (False, as
@@ -254,7 +254,7 @@ class UNetConfig(PresetConfig):
         return PRESETS
 
 
-# Named presets: field overrides of UNetConfig. Parameter counts are in benchmarks/RESULTS_unet.md.
+# Named presets: field overrides of UNetConfig. Parameter counts: docs/lab_notebook.md.
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests: two levels, one res block each, ~60k parameters.
     "tiny": dict(

@@ -1,12 +1,12 @@
 """The embedded default: captioned Fashion-MNIST at 28×28, a ~0.79M-parameter U-Net (cross-attention at 7×7
 and in the middle block) conditioned on a tiny CLIP text transformer trained from scratch (as LDM trained its
-text encoder), sized for a CPU budget: ~1.3 s per step at batch 64 on 2 cores, so 600 steps take ~13 minutes.
+text encoder), sized for a CPU budget: 600 steps at batch 64 take minutes on 2 cores (docs/standings.md).
 
     python -m experiments.main --config=experiments/configs/fashion_mnist.py --workdir=runs/fashion_mnist
 
 Choices measured at this budget (600 steps, batch 64; conditioning accuracy relative to real images, 300
-images, DPM-Solver++ 20 steps, guidance 5; benchmarks/RESULTS.md): learning rate 1e-3 → 0.77, 2e-3 → 0.92,
-3e-3 → 0.97; ε-prediction at 2e-3 → 0.89; cross-attention also at 14×14 doubled the step time; guidance
+images, DPM-Solver++ 20 steps, guidance 5; docs/lab_notebook.md): learning rate 1e-3 → 0.77, 2e-3 → 0.92,
+3e-3 → 0.97; ε-prediction at 2e-3 → 0.89; cross-attention also at 14×14 dropped for its step time; guidance
 only below σ = 5.42 → the same accuracy at a lower Fréchet distance; EDM's log-normal noise levels → 0.62.
 The image–text alignment term at λ = 0.005 (two training seeds): higher accuracy at every guidance scale, so
 guidance 3 reaches 0.98 relative at a Fréchet distance of 7.2 where λ = 0 needs guidance 5 for 0.96 at 8.2.
@@ -27,7 +27,7 @@ def get_config():
     config.data.image_size = 28
     config.data.channels = 1
     # 30 wordings rather than 5: with 5 the text encoder learns the wordings, and prompts worded otherwise lose
-    # most of their conditioning (RESULTS.md, "Unseen wordings"). The evaluation keeps the first five.
+    # most of their conditioning (docs/lab_notebook.md, "Unseen wordings"). The evaluation keeps the first five.
     config.data.caption_templates = VARIED_TEMPLATES
     config.model.unet = defaults.unet_config("small", in_channels=1, dropout=0.0, channels=24, channel_mult=(1, 2, 2),
                                             num_res_blocks=1, norm_groups=8, attention_levels=(2,))
@@ -51,7 +51,7 @@ def get_config():
     config.training.checkpoint_every = 200
     config.sampling.sampler = "dpmpp_2m"
     config.sampling.num_steps = 20
-    # The alignment term (diffjax.models.alignment) at λ = 0.005: measured over two seeds against λ = 0 (RESULTS.md,
+    # The alignment term (diffjax.models.alignment) at λ = 0.005: measured over two seeds against λ = 0 (lab notebook,
     # "The alignment term"); λ = 0.02 already raised the Fréchet distance and λ = 0.1 broke the images. Positives
     # are the captions of the same class: with 30 wordings nearly every pair in a batch is worded differently, and
     # identical-prompt positives made the term teach the wording (0.900 relative accuracy at guidance 3 vs 0.998).
@@ -62,17 +62,17 @@ def get_config():
     # λ = 0 with five wordings needed guidance 5 for 0.98 at 8.40.
     config.sampling.guidance_scale = 2.5
     # No guidance above σ = 5.42 (the first 3 of the 20 steps), as Kynkäänniemi et al. 2024: at guidance 5 the
-    # Fréchet distance falls from 9.93 to 8.40 for a relative accuracy of 0.983 instead of 0.998 (RESULTS.md).
+    # Fréchet distance falls from 9.93 to 8.40 for a relative accuracy of 0.983 instead of 0.998 (lab notebook).
     config.sampling.guidance_interval = "0,5.42"
     config.sampling.images_per_prompt = 6
-    config.evaluation.images_per_class = 30  # 300 images: ~2.5 min to generate on 2 cores
-    config.evaluation.prompt_templates = DEFAULT_TEMPLATES  # the wordings every figure in RESULTS.md used
+    config.evaluation.images_per_class = 30  # 300 images: minutes to generate on 2 cores
+    config.evaluation.prompt_templates = DEFAULT_TEMPLATES  # the wordings every figure in docs/lab_notebook.md used
     return config
 
 
 def five_wordings_recipe(config):
     """``config`` with the recipe the demo had before the alignment term: five caption wordings, λ = 0, guidance 5
-    (what the DiT config's figures and the earlier long run in RESULTS.md were measured with)."""
+    (what the DiT config's figures and the earlier long run in docs/lab_notebook.md were measured with)."""
     config.alignment.weight = 0.0
     config.data.caption_templates = DEFAULT_TEMPLATES
     config.sampling.guidance_scale = 5.0

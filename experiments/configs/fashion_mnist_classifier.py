@@ -1,5 +1,5 @@
 """The feature network of the Fashion-MNIST metrics (conditioning accuracy, Fréchet distance): a small CNN
-(diffjax.models.classifier) trained for 3 epochs (about 2 minutes on 2 CPU cores).
+(diffjax.models.classifier) trained for 3 epochs (minutes on 2 CPU cores; docs/standings.md).
 
     python -m experiments.main --mode=train_classifier --config=experiments/configs/fashion_mnist_classifier.py \
         --workdir=runs/fashion_mnist_classifier

@@ -2,10 +2,10 @@
 caption wordings, the alignment term at λ = 0.005 with same-class positives, guidance only below σ = 5.42) trained
 for 4000 steps at batch 64 (4.3 epochs) with a peak learning rate of 2e-3, checkpointed every 1000 steps.
 
-Budget: 57 minutes on 2 CPU cores (measured: 4000 x 0.82 s per step, compilation, samples and checkpoints
-included). At guidance 1.5 (300 images, DPM-Solver++ 20 steps; benchmarks/RESULTS.md, "The longer budget") the
+Budget: about an hour on 2 CPU cores (docs/standings.md; compilation, samples and checkpoints
+included). At guidance 1.5 (300 images, DPM-Solver++ 20 steps; docs/lab_notebook.md, "The longer budget") the
 Fréchet distance falls at every checkpoint, 5.46 → 4.41 → 3.82 → 3.65 (train↔test floor 3.20), at a relative
-conditioning accuracy of 1.01-1.04. Peak learning rates 1e-3 and 3e-3 measured to step 2000 (RESULTS.md): 3e-3 is
+conditioning accuracy of 1.01-1.04. Peak learning rates 1e-3 and 3e-3 measured to step 2000 (same section): 3e-3 is
 ahead at step 1000 and behind at 2000 (FD 4.89 at the accuracy where 2e-3 has 4.41), 1e-3 behind at 1000 and even
 (4.38) at 2000.
 

@@ -1,6 +1,6 @@
-"""Runs for tests: Fashion-MNIST resized to 8×8, the tiniest U-Net (or DiT) and text encoder (a run takes under a
-minute cold, most of it compiling the train step and the sampler; about 17 s once the compilation cache
-holds them)."""
+"""Runs for tests: Fashion-MNIST resized to 8×8, the tiniest U-Net (or DiT) and text encoder (a run's time is
+mostly compiling the train step and the sampler, much less once the compilation cache holds them;
+docs/performance.md)."""
 
 from diffjax import config as defaults
 

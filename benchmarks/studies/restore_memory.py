@@ -9,7 +9,7 @@ tokenizer and the imports warmed up), then measured on the real one: the bytes r
 set before it (sampled every millisecond), the bytes of the arrays it restores, and the wall time. The saved
 state's optimizer moments and EMA are filled with random values, as in a trained run (zeros would compress).
 
-    .venv/bin/python benchmarks/restore_memory.py [--preset small] [--rounds 2]
+    .venv/bin/python benchmarks/studies/restore_memory.py [--preset small] [--rounds 2]
 """
 
 import argparse
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _config(preset):

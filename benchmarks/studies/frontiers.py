@@ -1,6 +1,6 @@
 """Accuracy–distance frontiers of several ``--mode=eval --guidance_scales=...`` runs on one plot and in one table.
 
-    .venv/bin/python benchmarks/frontiers.py --out benchmarks/alignment_frontier.png \\
+    .venv/bin/python benchmarks/studies/frontiers.py --out docs/results/alignment_frontier.png \\
         "λ = 0=runs/demo/eval/step_000600" "λ = 0.1=runs/aligned/eval/step_000600" ...
 
 Each argument is LABEL=DIRECTORY, the directory holding the ``metrics.json`` of an eval sweep. The table (markdown,
@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 
 def main():

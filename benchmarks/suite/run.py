@@ -1,9 +1,9 @@
 """The performance suite: diffjax against diffusers-Flax and diffusers-PyTorch, side by side, in one run.
 
-    .venv/bin/python benchmarks/run.py                                  # all sections, the matched CPU comparison
-    .venv/bin/python benchmarks/run.py --sections train,sample --rounds 7
-    .venv/bin/python benchmarks/run.py --spec tiny --rounds 2           # a quick try of every section
-    .venv/bin/python benchmarks/run.py --out suite.json                 # also write every figure as JSON
+    .venv/bin/python benchmarks/suite/run.py                                  # all sections, the matched CPU comparison
+    .venv/bin/python benchmarks/suite/run.py --sections train,sample --rounds 7
+    .venv/bin/python benchmarks/suite/run.py --spec tiny --rounds 2           # a quick try of every section
+    .venv/bin/python benchmarks/suite/run.py --out suite.json                 # also write every figure as JSON
 
 Sections (``--sections``, comma-separated):
   train    train-step images/s: diffjax's real ``Trainer.step`` against diffusers-Flax's and diffusers-PyTorch's
@@ -24,7 +24,7 @@ Sections (``--sections``, comma-separated):
            programs compiled by a process that varies prompts, seeds, guidance and batches after its first call;
   memory   the train step's peak memory from XLA's memory analysis (arguments + outputs + temporaries - aliased),
            with and without remat, at two batch sizes;
-  input    the input pipeline: real batches against one synthetic batch (benchmarks/train_input.py).
+  input    the input pipeline: real batches against one synthetic batch (benchmarks/suite/train_input.py).
 
 Method: every job of a section (one framework, one way of running it) lives in a process of its own (its own
 threads, allocator, compilation), built and warmed up one after another; then the driver times them in rounds,
@@ -51,7 +51,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, HERE]
 
 SECTIONS = ("train", "sample", "compile", "memory", "input")
@@ -373,7 +373,7 @@ def section_memory(spec, args, record) -> None:
 
 
 def section_input(spec, args, record) -> None:
-    print("\ninput pipeline (benchmarks/train_input.py, fashion_mnist config)")
+    print("\ninput pipeline (benchmarks/suite/train_input.py, fashion_mnist config)")
     if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
         print("  skipped: Fashion-MNIST's IDX files are not installed (apt-get install dataset-fashion-mnist)")
         return

@@ -1,7 +1,7 @@
 """Is the input pipeline ever the bottleneck? Train steps/s fed by the real pipeline vs one synthetic batch.
 
-    .venv/bin/python benchmarks/train_input.py                          # the fashion_mnist (demo) config
-    .venv/bin/python benchmarks/train_input.py --unet=tiny --steps=40   # a much faster step: a harder test
+    .venv/bin/python benchmarks/suite/train_input.py                          # the fashion_mnist (demo) config
+    .venv/bin/python benchmarks/suite/train_input.py --unet=tiny --steps=40   # a much faster step: a harder test
 
 Both loops run the same jitted, sharded ``Trainer.step`` on the same state. *synthetic*: one batch, already
 on the devices, fed again every step (the upper bound: no input work at all). *real*: every step takes the
@@ -9,7 +9,7 @@ next batch from the grain iterator of ``make_dataset`` (decode from the in-memor
 captions picked and tokenized, float conversion) and ``Trainer.shard_batch`` puts it on the devices, as the
 training loop does. The two alternate in rounds, so that drifting machine load hits both alike; the ratio
 of their throughputs is the figure (≥ 0.95 means the pipeline costs at most 5%). Results go to stdout and
-are recorded in benchmarks/RESULTS.md.
+are recorded in docs/lab_notebook.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # experiments/ configs
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # experiments/ configs
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Sampling with guidance in a limited interval of noise levels against guidance at every step.
 
-    .venv/bin/python benchmarks/guidance_interval.py --workdir runs/demo [--interval 0.28,5.42 --rounds 5]
+    .venv/bin/python benchmarks/studies/guidance_interval.py --workdir runs/demo [--interval 0.28,5.42 --rounds 5]
 
 Outside the interval a step runs the conditional branch alone (half the network's batch), so a run is cheaper in
 proportion to the steps it leaves unguided. Both programs are compiled and warmed up first; rounds alternate;
@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import numpy as np
 

@@ -1,10 +1,11 @@
-"""One suite job (benchmarks/suite_jobs.py) from two versions of the repository, timed side by side in one run.
+"""One suite job (benchmarks/suite/suite_jobs.py) from two versions of the repository, timed side by side.
 
-    .venv/bin/python benchmarks/ab.py --old cba2c84 --job "diffjax train" --rounds 7 --calls 3
-    .venv/bin/python benchmarks/ab.py --old HEAD --old-env DIFFJAX_XLA_CPU_CONVOLUTIONS=off --job "diffjax sampler"
+    .venv/bin/python benchmarks/suite/ab.py --old cba2c84 --job "diffjax train" --rounds 7 --calls 3
+    .venv/bin/python benchmarks/suite/ab.py --old HEAD --old-env DIFFJAX_XLA_CPU_CONVOLUTIONS=off \
+        --job "diffjax sampler"
 
 The old version is checked out into a temporary git worktree; each version's job runs in a process of its own
-(benchmarks/run.py's worker protocol), the order alternating each round; medians and the speed ratio new/old.
+(benchmarks/suite/run.py's worker protocol), the order alternating each round; medians and the speed ratio new/old.
 ``--old-env KEY=VALUE`` sets environment variables of the old version's process only: with ``--old HEAD`` it
 times one tree with and without a setting (the second example: XLA:CPU's convolution kernels, diffjax.xla_cpu).
 """
@@ -17,11 +18,14 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_driver(root: str, tag: str):
-    spec = importlib.util.spec_from_file_location(f"run_{tag}", os.path.join(root, "benchmarks", "run.py"))
+    path = os.path.join(root, "benchmarks", "suite", "run.py")
+    if not os.path.exists(path):  # a revision from before the suite moved into benchmarks/suite/
+        path = os.path.join(root, "benchmarks", "run.py")
+    spec = importlib.util.spec_from_file_location(f"run_{tag}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -48,7 +52,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "-q", "--detach", old_root, args.old], cwd=ROOT, check=True)
         try:
             drivers = {"old": load_driver(old_root, "old"), "new": load_driver(ROOT, "new")}
-            sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+            sys.path.insert(0, os.path.join(ROOT, "benchmarks", "suite"))
             from suite_jobs import SPECS
 
             workers = {k: d.Worker(args.job, SPECS[args.spec], env=old_env if k == "old" else None)

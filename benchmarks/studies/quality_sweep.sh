@@ -1,14 +1,14 @@
 #!/bin/bash
 # Train and evaluate several Fashion-MNIST recipes side by side, in parallel processes (one accelerator can
 # run them all; on 2 CPU cores run one at a time), and print each run's conditioning accuracy and Fréchet
-# distance. The figures of benchmarks/RESULTS.md ("choices at the demo budget", "the longer budget") came
+# distance. The figures of docs/lab_notebook.md ("choices at the demo budget", "the longer budget") came
 # from this script on one H200:
 #
 #   LONG_STEPS=6000 LONG_EVALS="1500 3000 4500 6000" DEMO_STEPS=600 GUIDANCE="5 7.5" \
 #   BASE="--config.model.unet.attention_levels=(2,)" \
 #   SWEEP="v1:--config.optim.learning_rate=1e-3 v2:--config.optim.learning_rate=2e-3 \
 #          v3:--config.optim.learning_rate=3e-3 e2:--config.optim.learning_rate=2e-3,--config.diffusion.prediction_type=eps" \
-#   benchmarks/quality_sweep.sh
+#   benchmarks/studies/quality_sweep.sh
 #
 # (run before the demo config adopted those choices; with today's experiments/configs/fashion_mnist.py, v3 is
 # the config itself and "long" is experiments/configs/fashion_mnist_long.py.)

@@ -1,9 +1,9 @@
 """Where one suite job's time goes: a `jax.profiler` trace of a few warm calls, XLA's kernels summed by name.
 
-    .venv/bin/python benchmarks/profile_step.py --job "diffjax train (fashion_mnist config)" --calls 3
-    .venv/bin/python benchmarks/profile_step.py --job "diffjax sampler" --spec matched --calls 1 --top 30
+    .venv/bin/python benchmarks/suite/profile_step.py --job "diffjax train (fashion_mnist config)" --calls 3
+    .venv/bin/python benchmarks/suite/profile_step.py --job "diffjax sampler" --spec matched --calls 1 --top 30
 
-The job is built and warmed up as `benchmarks/run.py` builds it (suite_jobs.JOBS), traced for ``--calls`` calls,
+The job is built and warmed up as `benchmarks/suite/run.py` builds it (suite_jobs.JOBS), traced for ``--calls`` calls,
 and the trace's kernel executions (the events that name an ``hlo_op``) are grouped: per kernel (a fusion, a
 convolution, a YNNPACK kernel, ...) and per kind (the name without its numeric suffix), each with its total time
 over the calls and its share of the traced wall time. Kernels run on several threads at once, so the shares can
@@ -21,9 +21,9 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks", "suite"))
 
 
 def kernel_events(trace: dict) -> list[dict]:

@@ -1,7 +1,7 @@
 """Banded vs XLA convolution weight gradients (``UNetConfig.conv_impl``), per layer and per training step.
 
-    .venv/bin/python benchmarks/conv_grad.py                 # layers of the demo U-Net + its train step
-    .venv/bin/python benchmarks/conv_grad.py --no-step       # layers only (a minute)
+    .venv/bin/python benchmarks/studies/conv_grad.py                 # layers of the demo U-Net + its train step
+    .venv/bin/python benchmarks/studies/conv_grad.py --no-step       # layers only (a minute)
 
 *layers*: the weight gradient alone (``jax.vjp`` of the convolution w.r.t. the kernel, jitted) for the 3x3
 stride-1 convolutions of the fashion_mnist U-Net at batch 64 (28x28: 24 and 48 channels, the up path's
@@ -9,7 +9,7 @@ concatenated inputs; 14x14; 7x7), XLA's transposed convolution vs :func:`diffjax
 sum over bands of ~7 output rows. *step*: the demo config's whole jitted ``Trainer.step`` (forward,
 backward, Adam, EMA) with ``conv_impl="xla"`` vs ``"banded"``, one synthetic batch on the device.
 The two variants alternate (rounds) so that drifting machine load hits both alike; medians are reported
-with the ratio xla / banded (> 1: banded is faster). Results are recorded in benchmarks/RESULTS.md.
+with the ratio xla / banded (> 1: banded is faster). Results are recorded in docs/lab_notebook.md.
 The convolutions run on XLA's own kernels, as the command line runs them (``diffjax.xla_cpu``; there the automatic
 ``conv_impl`` is ``"xla"``); ``DIFFJAX_XLA_CPU_CONVOLUTIONS=off`` measures them on YNNPACK's (there: ``"banded"``).
 """
@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """Input pipeline cost: preparing captioned Fashion-MNIST, and batches/s read through grain.
 
-    .venv/bin/python benchmarks/input_pipeline.py                 # prepare into a fresh temp dir
-    .venv/bin/python benchmarks/input_pipeline.py --data_dir=DIR  # reuse a prepared dataset
+    .venv/bin/python benchmarks/studies/input_pipeline.py                 # prepare into a fresh temp dir
+    .venv/bin/python benchmarks/studies/input_pipeline.py --data_dir=DIR  # reuse a prepared dataset
 
 Prints, for the real Fashion-MNIST (the IDX files of Debian's dataset-fashion-mnist):
   * prepare: IDX -> array_record tfds dataset (70k PNG-encoded images, both splits);
@@ -9,11 +9,8 @@ Prints, for the real Fashion-MNIST (the IDX files of Debian's dataset-fashion-mn
   * batches/s and CPU ms per batch: in memory (the default for small splits, data.cache_max_mb)
     and streamed from the array_record files (data.cache_max_mb=0), one thread.
 
-Recorded 2026-11 on this project's CPU machine (2 cores shared with other jobs, load average ~4,
-so +-30%), global batch 64, random flip on, CLIP tokenizer (captions cached after first use):
-  prepare: 30.6 s (70k images; ~27 s of it the train split)
-  in memory: first decode 26.3 s (then 0.45 s from the kept copy); 230 batches/s, 2.9 ms CPU/batch
-  streamed:  24 batches/s, 28.5 ms CPU/batch (tfds's per-record parse + PIL PNG decode)
+Global batch 64, random flip on, CLIP tokenizer (captions cached after first use). Figures: docs/lab_notebook.md
+("The input pipeline is not the bottleneck").
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Stable Diffusion sampling and training, diffjax against diffusers' PyTorch pipeline, same weights, same card.
 
     # CPU: the SD 1.x architecture at reduced width and resolution (the default)
-    .venv/bin/python benchmarks/sd_pipeline.py
+    .venv/bin/python benchmarks/studies/sd_pipeline.py
     # a GPU: the real size, 512x512 in bfloat16, 50 DPM-Solver++ steps with guidance 7.5
-    python benchmarks/sd_pipeline.py --width 320 --resolution 512 --dtype bfloat16 --sample-batch 4 --train-batch 8
+    python benchmarks/studies/sd_pipeline.py --width 320 --resolution 512 --dtype bfloat16 \
+        --sample-batch 4 --train-batch 8
 
 Both frameworks get the same randomly initialised networks (diffusers' ``UNet2DConditionModel``, ``AutoencoderKL``
 and a CLIP ViT-L/14-sized text transformer, converted to diffjax with ``diffjax.diffusers_format``: no download), the same
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import jax
 import numpy as np

@@ -1,6 +1,6 @@
 """What the alignment term costs per train step, and alignment guidance per sampling step.
 
-    .venv/bin/python benchmarks/alignment_cost.py [--config experiments/configs/fashion_mnist.py --rounds 5]
+    .venv/bin/python benchmarks/studies/alignment_cost.py [--config experiments/configs/fashion_mnist.py --rounds 5]
 
 Train: the config's real train step (``Trainer.step``: EMA, clipping, condition dropout) with
 ``alignment.weight`` 0 (no heads) against λ > 0 (heads on x̂0, the contrastive term over the batch), on the same
@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import numpy as np
 

@@ -1,6 +1,6 @@
 """Print the parameter counts of the U-Net and DiT presets (abstract init via jax.eval_shape: no memory, seconds).
 
-    .venv/bin/python benchmarks/param_counts.py
+    .venv/bin/python benchmarks/studies/param_counts.py
 
 Counted: every leaf of the ``params`` collection returned by ``UNet(cfg).init`` (kernels, biases,
 GroupNorm/LayerNorm scales and offsets, the label/pooled embeddings when configured), summed over
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import jax
 

@@ -1,10 +1,10 @@
-"""The timed jobs of benchmarks/run.py: one text-conditioned U-Net, built equal in diffjax, diffusers-Flax and
+"""The timed jobs of benchmarks/suite/run.py: one text-conditioned U-Net, built equal in diffjax, diffusers-Flax and
 diffusers-PyTorch, trained and sampled as each framework's users do.
 
 Each builder returns a :class:`Job`: ``run()`` does one unit of work and waits for it (one train step, or one
 sampling call of ``spec.sample_batch`` images), ``images`` is the number of images that unit covers, ``info``
 what the framework reports about it (parameters, compile/first-call seconds, FLOPs per unit from the framework's
-own counter). benchmarks/run.py builds each job in a process of its own and times them in alternating rounds.
+own counter). benchmarks/suite/run.py builds each job in a process of its own and times them in alternating rounds.
 
 Matched work (per train step, all three): the frozen CLIP text transformer encodes the batch's token ids (the
 same ``CLIPTextConfig``), q_sample at uniform timesteps of the same scaled-linear schedule, the U-Net's ε
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # its Flax classes log a deprecation note per module
 

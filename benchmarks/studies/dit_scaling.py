@@ -1,7 +1,7 @@
 """The DiT's scaling on the embedded Fashion-MNIST: held-out loss of DiT presets trained for the same number of
 steps on the same batches (Peebles & Xie 2023, Fig. 2: larger models reach lower loss at equal steps).
 
-    .venv/bin/python benchmarks/dit_scaling.py --presets tiny,S/2,B/2 --patch 4 --steps 200 --batch 16
+    .venv/bin/python benchmarks/studies/dit_scaling.py --presets tiny,S/2,B/2 --patch 4 --steps 200 --batch 16
 
 Each preset keeps its width, depth and heads (tiny: 32 x 2, S: 384 x 12, B: 768 x 12) and takes the rest from
 experiments/configs/fashion_mnist_dit.py (one input channel, the tiny CLIP text encoder, v-prediction, min-SNR,
@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """The DiT and the U-Net of the Fashion-MNIST configs side by side: FLOPs per train step (XLA's cost analysis),
 train-step images/s and sampling images/s, measured in one process, rounds alternating, medians.
 
-    .venv/bin/python benchmarks/dit_vs_unet.py [--rounds 3 --steps 5 --sample-batch 64]
+    .venv/bin/python benchmarks/studies/dit_vs_unet.py [--rounds 3 --steps 5 --sample-batch 64]
 
 Both use the jitted, sharded ``Trainer.step`` of experiments/configs/fashion_mnist.py and fashion_mnist_dit.py on
 one synthetic batch of 64 already on the device, and ``Text2Image.generate`` (DPM-Solver++ 20 steps, guidance 5,
@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ def setup(path: str, sample_batch: int):
     from diffjax.pipeline import Text2Image
     from diffjax.train import Trainer
 
-    # Both at the recipe of the measured comparison (RESULTS.md): the demo config has since added the alignment term.
+    # Both at the recipe of the measured comparison (docs/lab_notebook.md): the demo config has since added the
+    # alignment term.
     config = load_config(path, ["alignment.weight=0.0", "sampling.guidance_scale=5.0"])
     trainer = Trainer(config, image_shape=(28, 28, 1))
     rng = np.random.default_rng(0)
