@@ -176,6 +176,20 @@ class Periodic:
         return False
 
 
+def check_data(config):
+    """The ``DatasetInfo`` of ``config.data``'s train split, after the checks that need the dataset (the config's
+    own are ``diffjax.config.validate``'s): a one-line ValueError for too few examples for one batch, or alignment
+    positives by label on a dataset without labels."""
+    info = describe_dataset(config.data, config.data.train_split)
+    if config.alignment.weight > 0 and config.alignment.positives == "label" and not info.class_names:
+        raise ValueError(f"config.alignment.positives='label' needs a labelled dataset; {info.name!r} has no "
+                         f"labels (use 'prompt')")
+    if info.steps_per_epoch(config.training.batch_size) == 0:
+        raise ValueError(f"split {info.split!r} of {info.name!r} has {info.num_examples} examples, fewer than "
+                         f"one batch (training.batch_size={config.training.batch_size})")
+    return info
+
+
 def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> TrainState:
     """The whole run: resume from ``workdir``'s latest checkpoint if any, train to ``training.num_steps`` with
     metrics (TensorBoard + progress bar or log lines), sample grids, held-out loss and checkpoints.

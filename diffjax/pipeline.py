@@ -199,6 +199,23 @@ class Text2Image:
         clip_model = config.get("alignment", {}).get("clip_model", "")
         return pipe.with_alignment_clip(clip_model) if clip_model else pipe
 
+    @classmethod
+    def load(cls, model: Optional[str] = None, workdir: Optional[str] = None, *, step: Optional[int] = None,
+             use_ema: bool = True, ema_sigma_rel: Optional[float] = None, dtype=None,
+             alignment_clip: Optional[str] = None) -> "Text2Image":
+        """:meth:`from_pretrained` of the model folder ``model``, else :meth:`from_checkpoint` of the run in
+        ``workdir`` (its ``step``, EMA or raw or post-hoc EMA parameters), in ``dtype``, guided by the CLIP
+        ``alignment_clip`` when given: what the command line's ``--model`` / ``--workdir`` flags load."""
+        sigma_rel = posthoc_ema.check_sigma_rel(ema_sigma_rel, "ema_sigma_rel")
+        if model and sigma_rel is not None:
+            raise ValueError("ema_sigma_rel needs a training run's snapshots (a workdir), not a model folder")
+        if model:
+            pipe = cls.from_pretrained(model, dtype=dtype)
+        else:
+            pipe = cls.from_checkpoint(workdir, step=step, use_ema=use_ema, ema_sigma_rel=sigma_rel)
+            pipe = pipe if dtype is None else pipe.to_dtype(dtype)
+        return pipe.with_alignment_clip(alignment_clip) if alignment_clip else pipe
+
     def save_pretrained(self, directory: str) -> str:
         """Write a self-contained model folder (see :mod:`diffjax.model_folder`); returns its path."""
         return model_folder.save(self, directory)

@@ -59,3 +59,11 @@ def save_images(images: np.ndarray, directory: str, prompts: Sequence[str], pref
     with open(os.path.join(directory, f"{prefix}prompts.json"), "w") as f:
         json.dump(index, f, indent=1)
     return paths
+
+
+def write_samples(images: np.ndarray, directory: str, prompts: Sequence[str], rows: int) -> list[str]:
+    """:func:`save_images` (one PNG per image and ``prompts.json``) and ``grid.png``, their grid in ``rows`` rows
+    enlarged 2×; returns the images' paths."""
+    paths = save_images(images, directory, prompts)
+    save_image(image_grid(images, rows=rows), os.path.join(directory, "grid.png"), scale=2)
+    return paths

@@ -13,8 +13,11 @@ What cannot be chosen once a process runs is its memory allocator: XLA:CPU's ste
 kernel has to be started with ``LD_PRELOAD=$(python -c 'from diffjax import xla_cpu; print(xla_cpu.tcmalloc_path())')``.
 """
 
+import logging
 import os
 import sys
+
+from absl import logging as absl_logging
 
 from diffjax import xla_cpu
 
@@ -49,3 +52,21 @@ def configure() -> None:
     """Both settings (``diffjax/__init__.py`` calls it once; calling it again changes nothing)."""
     xla_cpu.use_xla_convolutions()
     enable_compilation_cache()
+
+
+class QuietOrbax(logging.Filter):
+    """orbax logs its bookkeeping at INFO (about 15 lines per checkpoint: its managers, handlers, each save's
+    phases) through absl's logger. This filter lets through orbax's warnings and errors, and its INFO lines only at
+    absl's debug verbosity (the command line's ``--verbosity=1``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.levelno >= logging.WARNING or absl_logging.get_verbosity() >= absl_logging.DEBUG
+                or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
+def quiet_logs() -> None:
+    """Install :class:`QuietOrbax` on absl's logger (once): what the command line does, for programs that want its
+    quiet logs."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, QuietOrbax) for f in absl_logger.filters):
+        absl_logger.addFilter(QuietOrbax())

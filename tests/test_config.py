@@ -37,10 +37,10 @@ def test_a_network_section_that_is_not_chosen_is_validated_too(chosen, key, valu
 ])
 def test_the_trainer_refuses_an_invalid_config_in_one_line_before_building_anything(monkeypatch, key, value,
                                                                                     message):
-    from diffjax import model_folder
+    from diffjax import build
     from diffjax.train import Trainer
 
-    monkeypatch.setattr(model_folder, "build", lambda *a, **k: pytest.fail("the Trainer built networks"))
+    monkeypatch.setattr(build, "models_from_config", lambda *a, **k: pytest.fail("the Trainer built networks"))
     config = tiny_config()
     *path, name = key.split(".")
     section = config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -24,6 +25,14 @@ def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="png", compress_level=1)
     return buf.getvalue()
+
+
+def read_image(path: str, channels: int) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3) pixels of any image file (:func:`load_image`: palette, 16-bit, alpha and RGB for a
+    grey model converted, not read as raw indices or one channel); FileNotFoundError naming a missing ``path``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    return np.asarray(load_image(path, channels))
 
 
 def load_image(path: str, channels: int, size: int | None = None) -> Image.Image:
