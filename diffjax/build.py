@@ -43,11 +43,11 @@ class Start(NamedTuple):
     params: dict
 
 
-def network_config(name: str, fields, text_hidden_size: int, use_pooled: bool):
-    """The config of network ``name`` (``"unet"``: ``UNetConfig``, ``"dit"``: ``DiTConfig``) from its section of
-    ``config.model`` (see ``factory.network_config_fields``), for a text encoder of width ``text_hidden_size``:
+def denoiser_config(name: str, fields, text_hidden_size: int, use_pooled: bool):
+    """The config of the denoiser ``name`` (``"unet"``: ``UNetConfig``, ``"dit"``: ``DiTConfig``) from its section of
+    ``config.model`` (see ``factory.denoiser_config_fields``), for a text encoder of width ``text_hidden_size``:
     cross-attention on its states, and its pooled embedding when ``use_pooled``."""
-    _, cls, _ = factory.network(name)
+    _, cls, _ = factory.denoiser_class(name)
     fields = {k: v for k, v in dict(fields).items() if k != "preset"}
     context_dim = fields.get("context_dim") or text_hidden_size
     if context_dim != text_hidden_size:
@@ -118,7 +118,7 @@ def _fine_tune(config, with_params: bool) -> Start:
     # updates).
     section = config.model.get(models.name, {})
     runtime = {k: section[k] for k in RUNTIME_FIELDS if k in section}
-    network = type(models.network)(models.network_config.replace(**runtime, param_dtype="float32"))
+    denoiser = type(models.denoiser)(models.denoiser_config.replace(**runtime, param_dtype="float32"))
     encoder = models.text_encoder.replace(trainable=config.text.trainable, dtype=jax.numpy.float32)
     vae = None if models.autoencoder is None else factory.in_dtype(models.autoencoder, "float32")
     # Alignment heads: the folder's (and their parameters) when it has them, else fresh ones of config.alignment;
@@ -128,7 +128,7 @@ def _fine_tune(config, with_params: bool) -> Start:
         heads = models.alignment
     else:
         params.pop(model_folder.ALIGNMENT, None)
-    return Start(dataclasses.replace(models, network=network, text_encoder=encoder, autoencoder=vae,
+    return Start(dataclasses.replace(models, denoiser=denoiser, text_encoder=encoder, autoencoder=vae,
                                      alignment=heads), factory.cast_floating(params, "float32"))
 
 
@@ -139,9 +139,9 @@ def models_from_config(config, with_params: bool = True) -> Start:
     if mc.get("pretrained"):
         return _fine_tune(config, with_params)
     name = mc.get("name", "unet")
-    net_cls, _, _ = factory.network(name)
+    net_cls, _, _ = factory.denoiser_class(name)
     encoder, text_params = text_encoder(config.text, seed=config.seed, with_params=with_params)
-    ncfg = network_config(name, mc[name], encoder.hidden_size, bool(mc.use_pooled_text))
+    ncfg = denoiser_config(name, mc[name], encoder.hidden_size, bool(mc.use_pooled_text))
     heads = heads_from_config(config.get("alignment"), ncfg.in_channels, encoder.hidden_size)
     models = factory.Models(net_cls(ncfg), encoder, scheduler_config(config.diffusion), alignment=heads)
     params = {"text": text_params} if with_params else {}

@@ -25,17 +25,18 @@ from diffjax.models.alignment import heads_from_config
 def unet_config(preset: str = "small", **overrides) -> ml_collections.ConfigDict:
     """All UNetConfig fields of a preset (so each can be overridden by flag, tuples as
     ``--config.model.unet.channel_mult='(1,2,2)'``), plus the preset's name; context_dim and pooled_dim are
-    filled from the text encoder when None (``diffjax.models.factory.network_config``)."""
-    return ml_collections.ConfigDict(factory.network_config_fields("unet", preset, **overrides), type_safe=False)
+    filled from the text encoder when None (``diffjax.build.denoiser_config``)."""
+    return ml_collections.ConfigDict(factory.denoiser_config_fields("unet", preset, **overrides), type_safe=False)
 
 
 def dit_config(preset: str = "fashion_mnist", **overrides) -> ml_collections.ConfigDict:
     """All DiTConfig fields of a preset (``diffjax.models.dit.DIT_PRESETS``) plus its name, as unet_config."""
-    return ml_collections.ConfigDict(factory.network_config_fields("dit", preset, **overrides), type_safe=False)
+    return ml_collections.ConfigDict(factory.denoiser_config_fields("dit", preset, **overrides), type_safe=False)
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Every key of an experiment with its default: what recipes start from and :func:`validate` checks against."""
+    # One piece: the schema, read top to bottom, every key with its default and comment.
     config = ml_collections.ConfigDict()
     config.seed = 0  # seeds parameters, the data order and the diffusion noise
 
@@ -205,9 +206,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config[section][name] < 0:
             raise ValueError(f"config.{key}={config[section][name]} must be >= 0")
     name = config.model.name
-    choice("model.name", name, tuple(factory.NETWORKS))
+    choice("model.name", name, tuple(factory.DENOISERS))
     net = _network_config(config.model, name)
-    for other in factory.NETWORKS:  # the sections not chosen are checked too: a later --config.model.name uses them
+    for other in factory.DENOISERS:  # the sections not chosen are checked too: a later --config.model.name uses them
         if other != name and other in config.model:
             _network_config(config.model, other)
     size = int(config.data.image_size or 0)
@@ -237,7 +238,7 @@ def _network_config(model_config, name: str):
     its fields before anything runs (the text encoder's width stands in for an unset context_dim)."""
     fields = {k: v for k, v in dict(model_config[name]).items() if k != "preset"}
     fields["context_dim"] = fields.get("context_dim") or 8
-    _, cls, _ = factory.NETWORKS[name]
+    _, cls, _ = factory.DENOISERS[name]
     try:
         cls.preset(model_config[name].get("preset"))
     except ValueError as e:

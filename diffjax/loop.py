@@ -252,6 +252,8 @@ def _grid_prompts(cfg, info, encoder) -> list[str]:
 
 
 def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None):
+    # One piece: the periodic actions are closures over the run's state (train state, last metrics, timer), defined
+    # beside the loop that calls them, as Flax's examples do with clu's periodic actions.
     cfg, tc, sc = trainer.config, trainer.config.training, trainer.config.sampling
     lead = jax.process_index() == 0
     enc = trainer.models.text_encoder

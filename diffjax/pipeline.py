@@ -142,7 +142,7 @@ class Text2Image:
         vae_name = "float32" if name == "float16" else name
         models = self.models
         models = dataclasses.replace(
-            models, network=in_dtype(models.network, name),
+            models, denoiser=in_dtype(models.denoiser, name),
             text_encoder=models.text_encoder.replace(dtype=jnp.dtype(name)),
             autoencoder=None if models.autoencoder is None else in_dtype(models.autoencoder, vae_name))
         other = copy.copy(self)
@@ -231,7 +231,7 @@ class Text2Image:
                    vae_params=params.get("vae"), alignment_params=params.get("alignment"), **defaults)
         if dtype is not None:
             return pipe.to_dtype(dtype)
-        saved = models.network_config.param_dtype  # a folder saved after to_dtype: every network in its dtype
+        saved = models.denoiser_config.param_dtype  # a folder saved after to_dtype: every network in its dtype
         return pipe if saved == "float32" else pipe.to_dtype(saved)
 
     @classmethod

@@ -159,7 +159,7 @@ def sampling_program(models: Models, spec: SamplingSpec, clip=None) -> Callable[
 
     def program(inputs: SamplingInputs) -> Array:
         cond = models.text_encoder.encode(inputs.text_params, inputs.ids, inputs.mask, trainable=False)
-        denoiser = models.denoiser(inputs.denoiser_params, with_variance=learned)
+        denoiser = models.model_fn(inputs.denoiser_params, with_variance=learned)
         model = _guided_model(models, spec, inputs, denoiser, cond, clip)
         x0, fill = inputs.x0, inputs.fill
         z0, z_fill = x0, fill  # the sampler's space: pixels, or the autoencoder's scaled latents

@@ -146,7 +146,7 @@ def init_state(models: Models, image_shape: tuple[int, int, int], external: dict
     init_rng, state_rng = jax.random.split(rng)
     start = external.get(models.component)
     params = {models.component: start if start is not None
-              else models.init_network(init_rng, models.latent_shape(image_shape))}
+              else models.init_denoiser(init_rng, models.latent_shape(image_shape))}
     frozen = {}
     if models.text_encoder.trainable:
         params["text"] = external["text"]
@@ -288,7 +288,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models, tx: optax
         def loss_fn(params):
             text_params = params["text"] if "text" in params else state.frozen["text"]
             cond = encoder.encode(text_params, ids, mask, trainable=encoder.trainable)
-            model_fn = models.denoiser(params[models.component], train=True, dropout_rng=dropout_key,
+            model_fn = models.model_fn(params[models.component], train=True, dropout_rng=dropout_key,
                                        with_variance=True)
             out = losses.diffusion_loss(step_key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
                                         **_loss_options(dc, models))
@@ -358,7 +358,7 @@ def make_eval_step(config: ml_collections.ConfigDict, models: Models) -> Callabl
         x0 = diffusion_inputs(models, state.frozen, batch)
         cond = models.text_encoder.encode(state.text_params(ema=True), batch["token_ids"], batch["mask"],
                                           trainable=False)
-        model_fn = models.denoiser(state.ema_params[models.component], with_variance=True)
+        model_fn = models.model_fn(state.ema_params[models.component], with_variance=True)
         return losses.diffusion_loss(key, model_fn, models.schedule, x0, cond, t=t, noise=noise,
                                      **_loss_options(dc, models)).loss
 

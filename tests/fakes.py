@@ -89,7 +89,7 @@ def random_text2image(mesh=None):
     config = tiny_config()
     models, params = models_from_config(config)
     text_params = params["text"]
-    net_params = models.init_network(jax.random.PRNGKey(0), (8, 8))
+    net_params = models.init_denoiser(jax.random.PRNGKey(0), (8, 8))
     sc = config.sampling
     return Text2Image(models, perturbed(net_params), perturbed(text_params, seed=1), (8, 8, 1),
                       sampler=sc.sampler, num_steps=sc.num_steps, guidance_scale=sc.guidance_scale,

@@ -100,7 +100,7 @@ def test_the_term_trains_the_denoiser_the_text_encoder_and_the_heads():
 
     config, models, text_params = _aligned_models()
     key = jax.random.PRNGKey(0)
-    params = {"unet": perturbed(models.init_network(key, (8, 8))), "text": text_params,
+    params = {"unet": perturbed(models.init_denoiser(key, (8, 8))), "text": text_params,
               "alignment": models.alignment.init_params(key, (8, 8, 1))}
     b = 6
     ids, mask = models.text_encoder.tokenize([PROMPTS[i % 4] for i in range(b)])
@@ -110,7 +110,7 @@ def test_the_term_trains_the_denoiser_the_text_encoder_and_the_heads():
 
     def term(p):
         cond = models.text_encoder.encode(p["text"], ids, mask, trainable=True)
-        out = losses.diffusion_loss(key, models.denoiser(p["unet"]), models.schedule, x0, cond, t=t,
+        out = losses.diffusion_loss(key, models.model_fn(p["unet"]), models.schedule, x0, cond, t=t,
                                     prediction_type=models.prediction_type)
         return alignment_loss(models.alignment, p["alignment"], models.schedule, out.x0_pred, cond.pooled, t, valid,
                               positives=losses.same_prompt(ids))

@@ -215,9 +215,9 @@ def test_factory_builds_a_dit_whose_folder_reloads_and_samples_the_same_images(t
     config = _dit_config()
     models, params = models_from_config(config)
     text_params = params["text"]
-    assert isinstance(models.network, DiT) and models.component == "transformer" and models.size_multiple == 2
-    assert models.network_config.context_dim == models.text_encoder.hidden_size
-    params = perturbed(models.init_network(jax.random.PRNGKey(0), (8, 8)))
+    assert isinstance(models.denoiser, DiT) and models.component == "transformer" and models.size_multiple == 2
+    assert models.denoiser_config.context_dim == models.text_encoder.hidden_size
+    params = perturbed(models.init_denoiser(jax.random.PRNGKey(0), (8, 8)))
     sc = config.sampling
     pipe = Text2Image(models, params, text_params, (8, 8, 1), sampler=sc.sampler, num_steps=sc.num_steps,
                       guidance_scale=sc.guidance_scale, timestep_spacing=sc.timestep_spacing)
@@ -230,7 +230,7 @@ def test_factory_builds_a_dit_whose_folder_reloads_and_samples_the_same_images(t
     assert index["transformer"] == "transformer" and "unet" not in index
     assert json.loads((tmp_path / "dit" / "transformer" / "config.json").read_text())["patch_size"] == 2
     again = Text2Image.from_pretrained(folder)
-    assert isinstance(again.models.network, DiT)
+    assert isinstance(again.models.denoiser, DiT)
     np.testing.assert_array_equal(again.generate(prompts, seed=3), images)
     with pytest.raises(ValueError, match="height=8, width=7: both must be positive multiples of 2 "
                                          r"\(the DiT patch size\)"):

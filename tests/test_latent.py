@@ -24,7 +24,7 @@ def latent_folder(tmp_path_factory):
     models = Models(unet, encoder, SchedulerConfig(schedule="scaled_linear", prediction_type="eps"), vae)
     params = models.abstract_params()
     key = jax.random.PRNGKey(0)
-    unet_params = perturbed(models.init_network(key, (8, 8)))
+    unet_params = perturbed(models.init_denoiser(key, (8, 8)))
     vae_params = perturbed(vae.init(key, jnp.zeros((1, 16, 16, 3)))["params"], seed=3)
     assert jax.tree_util.tree_structure(vae_params) == jax.tree_util.tree_structure(params["vae"])
     pipe = Text2Image(models, unet_params, text_params, (16, 16, 3), num_steps=3, vae_params=vae_params)
@@ -78,7 +78,7 @@ def test_latent_training_from_scratch_encodes_with_the_frozen_autoencoder(latent
     def expected_loss(unet_params, text_params, images, ids, mask):
         z0 = encode_latents(models.autoencoder, vae_params, images)
         cond = models.text_encoder.encode(text_params, ids, mask)
-        return losses.diffusion_loss(key, models.denoiser(unet_params), models.schedule, z0, cond, t=t, noise=noise,
+        return losses.diffusion_loss(key, models.model_fn(unet_params), models.schedule, z0, cond, t=t, noise=noise,
                                      prediction_type="eps", weighting="min_snr").loss
 
     expect = expected_loss(state.ema_params["unet"], state.text_params(), batch["image"], batch["token_ids"],
@@ -207,9 +207,9 @@ def test_fine_tuning_a_bfloat16_folder_trains_float32_parameters(latent_folder, 
 
     half = Text2Image.from_pretrained(latent_folder, dtype="bfloat16").save_pretrained(str(tmp_path / "bf16"))
     models, params = build.models_from_config(_config(image_folder, tmp_path, pretrained=half))
-    assert models.network_config.param_dtype == "float32" and models.autoencoder.config.param_dtype == "float32"
+    assert models.denoiser_config.param_dtype == "float32" and models.autoencoder.config.param_dtype == "float32"
     assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype(np.float32)}
-    assert models.network_config.dtype == "float32"  # the config's compute dtype, not the folder's
+    assert models.denoiser_config.dtype == "float32"  # the config's compute dtype, not the folder's
 
 
 def test_latent_configs_bad_input_one_line(latent_folder, image_folder, tmp_path, run_main, last_error_line):

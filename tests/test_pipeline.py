@@ -46,7 +46,7 @@ def test_guidance_scale_one_is_the_conditional_model(pipe):
     enc, models = pipe.models.text_encoder, pipe.models
     cond = enc.encode(pipe.text_params, *enc.tokenize(PROMPTS))
     neg = enc.encode(pipe.text_params, *enc.tokenize(["a shirt"] * 4))
-    denoiser = models.denoiser(pipe.denoiser_params)
+    denoiser = models.model_fn(pipe.denoiser_params)
     x_T = _initial_noise(0, 4, pipe.image_shape)
 
     def run(model):
@@ -141,16 +141,16 @@ def test_bfloat16_inference_halves_the_parameters_and_keeps_the_images(pipe, tmp
     outs = []
     for p in (pipe, half):
         cond = p.models.text_encoder.encode(p.text_params, ids, mask, trainable=False)
-        outs.append(np.asarray(p.models.denoiser(p.denoiser_params)(x, t, cond), np.float32))
+        outs.append(np.asarray(p.models.model_fn(p.denoiser_params)(x, t, cond), np.float32))
     assert np.abs(outs[1] - outs[0]).max() <= 0.03 * np.abs(outs[0]).max()
     full = pipe.generate(PROMPTS, seed=3, num_steps=STEPS, output_type="float")
     images = half.generate(PROMPTS, seed=3, num_steps=STEPS, output_type="float")
     assert images.dtype == np.float32 and np.abs(images - full).mean() < 0.05
     again = Text2Image.from_pretrained(half.save_pretrained(str(tmp_path / "bf16")))
-    assert again.models.network_config.dtype == "bfloat16"
+    assert again.models.denoiser_config.dtype == "bfloat16"
     np.testing.assert_array_equal(again.generate(PROMPTS, seed=3, num_steps=STEPS, output_type="float"), images)
     as_float32 = Text2Image.from_pretrained(str(tmp_path / "bf16"), dtype="float32")
-    assert as_float32.models.network_config.dtype == "float32"
+    assert as_float32.models.denoiser_config.dtype == "float32"
     assert {x.dtype for x in jax.tree_util.tree_leaves(as_float32.denoiser_params)} == {jnp.dtype(jnp.float32)}
     with pytest.raises(ValueError, match="must be float32, bfloat16 or float16, got int8"):
         pipe.to_dtype("int8")

@@ -118,7 +118,7 @@ def probe(tr, state, prompts, rounds, length=4):
     t = jnp.full((b,), m.schedule.num_timesteps / 2, jnp.float32)
 
     def grad_sim(x, cond):
-        den = m.denoiser(dp)
+        den = m.model_fn(dp)
 
         def sim(x):
             a, s = guidance.vp_coefficients(m.schedule, t, x.ndim)
@@ -128,7 +128,7 @@ def probe(tr, state, prompts, rounds, length=4):
         return jax.grad(sim)(x)
 
     def forward(x, cond):
-        return m.denoiser(dp)(x, t, cond)
+        return m.model_fn(dp)(x, t, cond)
 
     def program(f, unroll=None):
         """The prompts encoded once, then ``f`` alone (``unroll`` None) or as the body of a scan of ``length``."""

@@ -240,7 +240,7 @@ def diffjax_bare_sample(spec: Spec) -> Job:
     def sample(dparams, tparams, ids, mask, uids, umask, key, scale):
         cond = m.text_encoder.encode(tparams, ids, mask, trainable=False)
         uncond = m.text_encoder.encode(tparams, uids, umask, trainable=False)
-        model_fn = guidance.classifier_free_guidance(m.denoiser(dparams), cond, uncond, scale)
+        model_fn = guidance.classifier_free_guidance(m.model_fn(dparams), cond, uncond, scale)
         x_T = jax.random.normal(key, shape, jnp.float32)
         return samplers.ddim(model_fn, x_T, m.schedule, SAMPLE_STEPS, prediction_type=m.prediction_type,
                              timestep_spacing="leading")

@@ -7,13 +7,13 @@ parameters live under the name of its component, as in diffusers' pipelines: ``"
 (:data:`COMPONENTS`), beside the text encoder's ``"text"``.
 
 Two kinds of config describe the same model: an experiment's ``ml_collections`` config, which
-``diffjax.build.models_from_config`` turns into a :class:`Models` (this module gives it the network presets,
-:func:`network_config_fields`), and the component configs of a saved model folder (``unet/config.json``: every
+``diffjax.build.models_from_config`` turns into a :class:`Models` (this module gives it the denoisers' presets,
+:func:`denoiser_config_fields`), and the component configs of a saved model folder (``unet/config.json``: every
 :class:`UNetConfig` field, or ``transformer/config.json``: every :class:`DiTConfig` field;
 ``scheduler/scheduler_config.json``: :class:`SchedulerConfig`; ``text_encoder/``: a transformers directory),
 read by :func:`models_from_components` and written from :func:`component_configs`.
 
-:meth:`Models.denoiser` is ``model_fn(x_t, t, cond) -> prediction`` with ``cond`` a ``text.TextEncoding`` (the
+:meth:`Models.model_fn` gives ``model_fn(x_t, t, cond) -> prediction`` with ``cond`` a ``text.TextEncoding`` (the
 structure of score_sde's ``get_model_fn`` and EDM's preconditioning wrappers: one function maps the raw network
 to what the diffusion math expects).
 """
@@ -35,9 +35,9 @@ from diffjax.text import TextEncoder
 
 Array = jax.Array
 
-# config.model.name → (network class, its config class, the component: folder and parameter name).
-NETWORKS = {"unet": (UNet, UNetConfig, "unet"), "dit": (DiT, DiTConfig, "transformer")}
-COMPONENTS = {component: name for name, (_, _, component) in NETWORKS.items()}
+# config.model.name → (denoiser class, its config class, the component: folder and parameter name).
+DENOISERS = {"unet": (UNet, UNetConfig, "unet"), "dit": (DiT, DiTConfig, "transformer")}
+COMPONENTS = {component: name for name, (_, _, component) in DENOISERS.items()}
 
 # The network config fields that the text encoder fills in (an experiment config leaves them None).
 _TEXT_FIELDS = ("context_dim", "pooled_dim")
@@ -71,12 +71,12 @@ class SchedulerConfig:
 class Models:
     """The networks and the schedule of a text-to-image diffusion model (parameters live outside).
 
-    ``network`` is a :class:`UNet` or a :class:`DiT`; its parameters are ``params[models.component]``. With an
-    ``autoencoder`` (latent diffusion) the network works on its scaled latents and its parameters are
+    ``denoiser`` is a :class:`UNet` or a :class:`DiT`; its parameters are ``params[models.component]``. With an
+    ``autoencoder`` (latent diffusion) the denoiser works on its scaled latents and its parameters are
     ``params["vae"]``. With ``alignment`` heads (``config.alignment.weight`` > 0) the image–text alignment term is
     trained and alignment guidance can follow it; their parameters are ``params["alignment"]``."""
 
-    network: UNet | DiT
+    denoiser: UNet | DiT
     text_encoder: TextEncoder
     scheduler: SchedulerConfig
     autoencoder: Optional[AutoencoderKL] = None
@@ -89,16 +89,16 @@ class Models:
     @property
     def name(self) -> str:
         """``config.model.name`` of the network: ``"unet"`` or ``"dit"``."""
-        return "dit" if isinstance(self.network, DiT) else "unet"
+        return "dit" if isinstance(self.denoiser, DiT) else "unet"
 
     @property
     def component(self) -> str:
         """The network's component name: its parameters' key and its model-folder directory."""
-        return NETWORKS[self.name][2]
+        return DENOISERS[self.name][2]
 
     @property
-    def network_config(self) -> UNetConfig | DiTConfig:
-        return self.network.config
+    def denoiser_config(self) -> UNetConfig | DiTConfig:
+        return self.denoiser.config
 
     @property
     def prediction_type(self) -> str:
@@ -106,13 +106,13 @@ class Models:
 
     @property
     def in_channels(self) -> int:
-        return self.network.config.in_channels
+        return self.denoiser.config.in_channels
 
     @property
     def size_multiple(self) -> int:
         """Image height and width must be multiples of this (the U-Net's downsampling, the DiT's patch, times the
         autoencoder's downsampling for a latent model)."""
-        return self.network.config.size_multiple * self.latent_factor
+        return self.denoiser.config.size_multiple * self.latent_factor
 
     @property
     def latent_factor(self) -> int:
@@ -132,29 +132,29 @@ class Models:
     @property
     def learns_variance(self) -> bool:
         """Whether the network also outputs its reverse-process variance (``DiTConfig.learn_sigma``)."""
-        return bool(getattr(self.network.config, "learn_sigma", False))
+        return bool(getattr(self.denoiser.config, "learn_sigma", False))
 
     @property
     def use_pooled(self) -> bool:
         """Whether the pooled text embedding is added to the timestep embedding."""
-        return self.network.config.pooled_dim is not None
+        return self.denoiser.config.pooled_dim is not None
 
-    def denoiser(self, params, train: bool = False, dropout_rng: Optional[Array] = None,
+    def model_fn(self, params, train: bool = False, dropout_rng: Optional[Array] = None,
                  with_variance: bool = False):
         """``model_fn(x_t, t, cond)`` for losses/guidance/samplers, with cond a ``text.TextEncoding`` and
         ``params`` the network's (``params[self.component]``). A learned-variance network's variance channels
         are dropped unless ``with_variance`` (for its training loss and DDPM's ``learned_range`` variance)."""
         rngs = {"dropout": dropout_rng} if (train and dropout_rng is not None) else None
-        keep = None if (with_variance or not self.learns_variance) else self.network.config.prediction_channels
+        keep = None if (with_variance or not self.learns_variance) else self.denoiser.config.prediction_channels
 
         def model_fn(x_t, t, cond):
-            out = self.network.apply({"params": params}, x_t, t, cond.hidden_states, cond.mask,
+            out = self.denoiser.apply({"params": params}, x_t, t, cond.hidden_states, cond.mask,
                                      pooled=cond.pooled if self.use_pooled else None, train=train, rngs=rngs)
             return out if keep is None else out[..., :keep]
 
         return model_fn
 
-    def init_network(self, rng: Array, image_shape=(32, 32)) -> Any:
+    def init_denoiser(self, rng: Array, image_shape=(32, 32)) -> Any:
         """Fresh network parameters (the U-Net's do not depend on the spatial size, nor do the DiT's: its
         position embeddings are computed, not learned; ``image_shape[:2]`` is only the dummy input's size)."""
         h, w = tuple(image_shape)[:2]
@@ -162,7 +162,7 @@ class Models:
 
         def init(rng):
             x = jnp.zeros((1, h, w, self.in_channels), jnp.float32)
-            return self.network.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), jnp.zeros((1, length, d)),
+            return self.denoiser.init({"params": rng, "dropout": rng}, x, jnp.zeros((1,)), jnp.zeros((1, length, d)),
                                      jnp.ones((1, length), bool),
                                      pooled=jnp.zeros((1, d)) if self.use_pooled else None)["params"]
 
@@ -173,10 +173,10 @@ class Models:
     def abstract_params(self) -> dict:
         """``{component: ..., "text": ...[, "vae": ...]}`` as ``jax.ShapeDtypeStruct`` trees (nothing is
         computed)."""
-        size = self.network.config.size_multiple
+        size = self.denoiser.config.size_multiple
 
         def init(k):
-            out = {self.component: self.init_network(k, (size, size)), "text": self.text_encoder.init(k)}
+            out = {self.component: self.init_denoiser(k, (size, size)), "text": self.text_encoder.init(k)}
             if self.autoencoder is not None:
                 f, c = self.latent_factor, self.autoencoder.config.in_channels
                 out["vae"] = self.autoencoder.init(k, jnp.zeros((1, f, f, c)))["params"]
@@ -216,12 +216,12 @@ def cast_floating(tree: Any, dtype) -> Any:
 # ------------------------------------------------------------------------------------------------------
 
 
-def network_config_fields(name: str = "unet", preset: Optional[str] = None, **overrides) -> dict:
+def denoiser_config_fields(name: str = "unet", preset: Optional[str] = None, **overrides) -> dict:
     """Every field of network ``name``'s config class for a preset (default: ``"small"`` for the U-Net,
     ``"fashion_mnist"`` for the DiT) with overrides, and the preset's name, as a plain dict: what an experiment
     config holds under ``config.model.unet`` / ``config.model.dit`` (each field overridable on the command
     line). ``context_dim`` and ``pooled_dim`` stay None unless given: the text encoder fills them in."""
-    _, cls, _ = network(name)
+    _, cls, _ = denoiser_class(name)
     preset = preset or {"unet": "small", "dit": "fashion_mnist"}[name]
     fields = dataclasses.asdict(cls.preset(preset, **overrides))
     for key in _TEXT_FIELDS:
@@ -229,12 +229,12 @@ def network_config_fields(name: str = "unet", preset: Optional[str] = None, **ov
     return {"preset": preset, **fields}
 
 
-def network(name: str):
+def denoiser_class(name: str):
     """(network class, its config class, its component name) of ``config.model.name`` ``name``; a one-line
     ValueError naming the key otherwise."""
-    if name not in NETWORKS:
-        raise ValueError(f"config.model.name={name!r}: expected one of {', '.join(NETWORKS)}")
-    return NETWORKS[name]
+    if name not in DENOISERS:
+        raise ValueError(f"config.model.name={name!r}: expected one of {', '.join(DENOISERS)}")
+    return DENOISERS[name]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def models_from_components(component: str, network_fields: dict, encoder: TextEn
     one-line ValueError."""
     if component not in COMPONENTS:
         raise ValueError(f"unknown denoiser component {component!r}; expected one of {', '.join(COMPONENTS)}")
-    net_cls, cfg_cls, _ = NETWORKS[COMPONENTS[component]]
+    net_cls, cfg_cls, _ = DENOISERS[COMPONENTS[component]]
     checks = [(f"{component}/config.json", cfg_cls, network_fields),
               ("scheduler/scheduler_config.json", SchedulerConfig, scheduler_fields)]
     if vae_fields is not None:
@@ -288,7 +288,7 @@ def component_configs(models: Models) -> dict:
     """The JSON-serialisable component configs: ``{models.component: ..., "scheduler": ...[, "vae": ...][,
     "alignment": ...]}`` (the
     text encoder writes its own, transformers' ``config.json``)."""
-    out = {models.component: dataclasses.asdict(models.network_config),
+    out = {models.component: dataclasses.asdict(models.denoiser_config),
            "scheduler": dataclasses.asdict(models.scheduler)}
     if models.autoencoder is not None:
         out["vae"] = dataclasses.asdict(models.autoencoder.config)
