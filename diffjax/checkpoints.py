@@ -196,7 +196,7 @@ def damage(error: BaseException, step_dir: str) -> Optional[str]:
 def restore_latest(ckpt: Checkpointer, target, workdir: str, policy: str):
     """(state, data state) of the newest readable checkpoint, or None when the run has none (a fresh start).
 
-    A newest checkpoint whose files are damaged raises RunError naming the step and the file (``policy="fail"``),
+    A newest checkpoint whose files are damaged raises CheckpointError naming the step and the file (``policy="fail"``),
     or (``"fallback"``) is moved to WORKDIR/corrupt_checkpoints once an older one was read, and the run resumes
     from that one. Nothing is moved when no checkpoint can be read, and a checkpoint that fails for another reason
     (a config that no longer matches it) stops the run: neither case may end in a fresh start over old work.
@@ -229,17 +229,24 @@ def restore_latest(ckpt: Checkpointer, target, workdir: str, policy: str):
             logging.warning("checkpoint step %d cannot be read (%s); trying the previous one", step, where)
             damaged.append((step, step_dir, where))
             continue
-        if damaged and jax.process_index() == 0:
-            for bad, bad_dir, where in damaged:
-                aside = os.path.join(corrupt_dir, f"step_{bad}_{time.strftime('%Y%m%d-%H%M%S')}")
-                os.makedirs(corrupt_dir, exist_ok=True)
-                shutil.move(bad_dir, aside)
-                logging.warning("moved the unreadable checkpoint step %d to %s (%s)", bad, aside, where)
         if damaged:
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("diffjax: unreadable checkpoints moved")
-            ckpt.reload()
+            move_aside(ckpt, {bad: where for bad, _, where in damaged}, corrupt_dir, "unreadable")
         return state, data_state
     first = damaged[0]
     raise CheckpointError(f"no checkpoint in {ckpt.directory} can be read (the newest, step {first[0]}: {first[2]}); "
-                   f"nothing was moved")
+                          f"nothing was moved")
+
+
+def move_aside(ckpt: Checkpointer, steps: dict, directory: str, what: str) -> None:
+    """Move the checkpoints of ``steps`` ({step: why}) out of ``ckpt`` into ``directory`` (``step_N_TIME``), kept
+    for inspection, never deleted; process 0 moves, every process waits for it and reloads the list of steps."""
+    ckpt.wait()
+    if jax.process_index() == 0:
+        for step, why in steps.items():
+            aside = os.path.join(directory, f"step_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+            os.makedirs(directory, exist_ok=True)
+            shutil.move(os.path.join(ckpt.directory, str(step)), aside)
+            logging.warning("moved the %s checkpoint step %d to %s (%s)", what, step, aside, why)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"diffjax: {what} checkpoints moved")
+    ckpt.reload()

@@ -119,7 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.eval_batches = 4  # batches per evaluation
     config.training.sample_every = 1000  # steps between sample grids (0: off); also at the end
     config.training.checkpoint_every = 1000  # steps between checkpoints; also at the end
-    config.training.keep_checkpoints = 3  # checkpoints kept on disk
+    config.training.keep_checkpoints = 3  # checkpoints kept on disk (and the newest, until a later update confirms it)
     config.training.on_corrupt_checkpoint = "fallback"  # unreadable newest checkpoint: fallback (move it aside, resume from the previous) | fail
     config.training.progress_bar = True  # tqdm progress bar on process 0
     config.training.on_nonfinite = "skip"  # a NaN/inf loss or gradient: skip that update | stop the run

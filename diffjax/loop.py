@@ -17,7 +17,10 @@ What the run guarantees (tests/test_reliability.py):
   the parameters never turn non-finite, so no checkpoint, sample or export holds NaNs. The host looks at the
   counters when it fetches metrics anyway (every ``log_every`` steps, and before each checkpoint):
   ``training.on_nonfinite="stop"`` or ``max_consecutive_skips`` skipped updates in a row stop the run with
-  :class:`RunError`, the checkpoints intact.
+  :class:`RunError`, the checkpoints intact. A state whose latest updates were skipped is never saved, a
+  checkpoint whose next update was the first of a skipped run (a diverging update: finite, useless parameters) is
+  moved to ``WORKDIR/suspect_checkpoints/``, and ``keep_checkpoints`` never rotates out the last good ones for
+  such: a diverged run keeps its last good model, and one that ends diverged exits with :class:`RunError`.
 * A checkpoint whose files are damaged (truncated, zeroed, missing) is named with its step and file; with
   ``training.on_corrupt_checkpoint="fallback"`` (the default: an automatically restarted run must not
   crash-loop on one bad save) it is moved to ``WORKDIR/corrupt_checkpoints/`` for inspection once an older one
@@ -114,11 +117,13 @@ class StopRequest:
 
 
 def check_guard(guard: dict, step: int, policy: str, max_consecutive: int, last_checkpoint: Optional[int],
-                seen: dict) -> None:
+                seen: dict) -> dict:
     """On the host, with counters fetched anyway: RunError when the run must stop (a non-finite update with
-    ``policy="stop"``, or ``max_consecutive`` skipped updates in a row); a warning for new skipped updates."""
+    ``policy="stop"``, or ``max_consecutive`` skipped updates in a row); a warning for new skipped updates. Returns
+    the counters (``consecutive``: the updates skipped in a row up to now)."""
     g = {k: v.item() for k, v in jax.device_get(guard).items()}
-    kept = f"the last checkpoint (step {last_checkpoint}) is intact" if last_checkpoint else "no checkpoint was written"
+    kept = (f"the last checkpoint (step {last_checkpoint}) is intact" if last_checkpoint
+            else "no good checkpoint is on disk")
     if policy == "stop" and g["nonfinite"] > 0:
         raise RunError(f"the loss or gradient was not finite at step {g['last_skipped']} "
                        f"(training.on_nonfinite=stop); stopped at step {step}, {kept}")
@@ -130,6 +135,7 @@ def check_guard(guard: dict, step: int, policy: str, max_consecutive: int, last_
         logging.warning("%d update(s) skipped so far (non-finite or spiking loss), the last at step %d",
                         g["skipped"], g["last_skipped"])
     seen["skipped"] = g["skipped"]
+    return g
 
 
 class MetricWriter:
@@ -201,7 +207,9 @@ def train(trainer: Trainer, workdir: str, stop_at: Optional[int] = None) -> Trai
         raise ValueError(f"data gives images of shape {info.image_shape}, the model is built for "
                          f"{trainer.image_shape} (config.data.image_size / channels)")
     with workdir_lock(workdir), StopRequest() as stop_request:
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints)
+        # One more than training.keep_checkpoints: the newest does not count until a later update confirms it
+        # (_run's settle), so a diverging run never rotates out the last good ones.
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints + 1)
         # Snapshots for the post-hoc EMA (diffjax.posthoc_ema): all kept, written asynchronously as checkpoints are.
         snaps = (Checkpointer(os.path.join(workdir, posthoc_ema.SNAPSHOT_DIR), max_to_keep=None)
                  if cfg.ema.get("snapshot_every", 0) else None)
@@ -289,8 +297,23 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
     timer = {"time": time.perf_counter(), "step": start}
     metrics, seen = None, {}
 
+    pending = []  # the newest checkpoint's step until a later update confirms it (settle)
+
+    def settle(step):
+        """The newest checkpoint is confirmed once a later check shows the update after it was not the first of the
+        skipped run now going on; if it was, its parameters are those of a diverging update (finite, useless):
+        it is moved to WORKDIR/suspect_checkpoints, and the one before it is again the newest."""
+        if not pending or step <= pending[0]:
+            return
+        g = {k: int(v) for k, v in jax.device_get(state.guard).items()}
+        if g["consecutive"] and g["last_skipped"] - g["consecutive"] + 1 == pending[0] + 1:
+            checkpoints.move_aside(ckpt, {pending[0]: f"the update after it, step {pending[0] + 1}, diverged"},
+                                   os.path.join(workdir, "suspect_checkpoints"), "suspect")
+        pending.clear()
+
     def check(step):
-        check_guard(state.guard, step, tc.on_nonfinite, tc.max_consecutive_skips, ckpt.latest_step(), seen)
+        settle(step)
+        return check_guard(state.guard, step, tc.on_nonfinite, tc.max_consecutive_skips, ckpt.latest_step(), seen)
 
     def log_metrics(step):
         check(step)
@@ -340,15 +363,30 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
                     snaps.save(step, posthoc_ema.snapshot_state(state), None, cfg, force=True)
                 except Exception as e:
                     raise RunError(_save_failed(e, snaps)) from None
-            if checkpoint.due(step) or stop:
-                check(step)
+            # A state whose latest updates were skipped (a non-finite or spiking loss) is suspect: after a diverging
+            # update its parameters are finite but useless, and saving it would rotate good checkpoints out
+            # (training.keep_checkpoints). It is not saved; the newest good checkpoint stays the one to resume from.
+            skipped = check(step)["consecutive"] if checkpoint.due(step) or stop else 0
+            suspect = skipped > 0
+            if suspect:
+                logging.warning("not saving step %d: its latest updates were skipped; the newest good checkpoint "
+                                "(step %s) stays", step, ckpt.latest_step())
+            elif checkpoint.due(step) or stop:
                 try:  # also raises the error of the previous asynchronous save, if it failed
                     ckpt.save(step, state, train_it.get_state(), cfg, force=bool(stop))
                 except Exception as e:
                     raise RunError(_save_failed(e, ckpt)) from None
+                pending[:] = [step]
+            if suspect and step == last:
+                raise RunError(f"the run ended at step {step} with its last {skipped} update(s) skipped (non-finite or "
+                               f"spiking loss): the run diverged and its state was not saved; "
+                               + (f"the last good checkpoint (step {ckpt.latest_step()}) is intact"
+                                  if ckpt.latest_step() else "no good checkpoint is on disk")
+                               + "; lower optim.learning_rate")
             if stop:
                 why = stop_request.requested or ("a preemption notice" if step != stop_at else "stop_at")
-                logging.warning("stopped at step %d by %s, with a checkpoint; the same command resumes", step, why)
+                logging.warning("stopped at step %d by %s, %s; the same command resumes", step, why,
+                                "its state not saved (suspect)" if suspect else "with a checkpoint")
                 break
     finally:
         if bar is not None:

@@ -418,18 +418,20 @@ class Text2Image:
         """(the program's spec, guidance scale, guidance interval (σ_lo, σ_hi), alignment guidance scale) of a call,
         its values checked; one line naming the problem otherwise."""
         sampler = call.sampler or self.defaults["sampler"]
+        num_steps = self._num_steps(call.num_steps)
         scale = float(self.defaults["guidance_scale"] if call.guidance_scale is None else call.guidance_scale)
         if not math.isfinite(scale) or scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got "
                              f"{call.guidance_scale!r}")
-        schedule = guidance.check_guidance_schedule(call.guidance_schedule or self.defaults["guidance_schedule"])
+        schedule = guidance.check_guidance_schedule(self.defaults["guidance_schedule"] if call.guidance_schedule is None
+                                                    else call.guidance_schedule)
         interval = check_guidance_interval(self.defaults["guidance_interval"] if call.guidance_interval is DEFAULT
                                            else call.guidance_interval)
         align_scale = check_alignment_scale(self.defaults["alignment_guidance_scale"]
                                             if call.alignment_guidance_scale is None else call.alignment_guidance_scale)
         options = resolve_sampler_options(self.models, sampler, self.sampler_options, call.sampler_options,
                                           self.timestep_spacing)
-        spec = SamplingSpec(kind, sampler, self._num_steps(call.num_steps), scale != 1.0, start_step, options,
+        spec = SamplingSpec(kind, sampler, num_steps, scale != 1.0, start_step, options,
                             call.output_type == "latent", schedule, interval is not None,
                             self._alignment_source(align_scale))
         return spec, scale, interval or (-1.0, math.inf), align_scale

@@ -49,8 +49,8 @@ class SamplingSpec:
     """What one compiled sampling program is for (hashable: the key of ``Text2Image.programs``).
 
     ``sampler_options`` are the keyword arguments the sampler gets (``timestep_spacing``, ``steps_offset``, η, ...)
-    as sorted (name, value) pairs; the program adds the clipping of x̂0 for a pixel-space model and a learned
-    variance for DDPM on a network that learns one. ``guidance_interval`` says whether an interval bounds the
+    as sorted (name, value) pairs (:func:`resolve_sampler_options` makes them, with DDPM's learned variance for a
+    network that learns one); the program adds the clipping of x̂0 for a pixel-space model. ``guidance_interval`` says whether an interval bounds the
     guidance (its ends are inputs); ``latent_out`` returns a latent model's latents undecoded."""
 
     kind: str
@@ -111,7 +111,8 @@ def resolve_sampler_options(models: Models, sampler: str, defaults: dict, option
         opts["timestep_spacing"] = timestep_spacing
     if models.learns_variance and sampler == "ddpm" and opts.get("variance_type") in (None, "learned_range"):
         opts["variance_type"] = "learned_range"
-    return tuple(sorted(opts.items()))
+    # Hashable values (a spec is a dictionary key): lists, e.g. from JSON, become tuples.
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items()))
 
 
 def _guided_model(models: Models, spec: SamplingSpec, inputs: SamplingInputs, denoiser, cond, clip):

@@ -349,7 +349,6 @@ class TextEncoder:
         Returns:
           ``(encoder, params)``.
         """
-        # Long for its Args docstring; the body is one sequence: find the directory, read config, weights, tokenizer.
         from transformers import CLIPTextConfig
 
         if isinstance(size, CLIPTextConfig):
@@ -430,6 +429,8 @@ class TextEncoder:
         Returns:
           ``(encoder, params)``.
         """
+        # Long for its Args docstring; the body is one sequence: find the directory, read config, weights, tokenizer.
+        # transformers' Flax CLIP classes, imported on use: loading them is slow, and transformers 5 has none.
         from transformers import CLIPTextConfig, CLIPTokenizerFast, FlaxCLIPTextModel
 
         name = os.fspath(name_or_path)

@@ -33,11 +33,13 @@ def _sampling_kwargs() -> dict:
 def train() -> None:
     config = FLAGS.config
     from diffjax import loop
+    from diffjax.config import validate
     from diffjax.train import Trainer
 
     try:  # bad input fails here, in one line, before anything is compiled (Trainer validates the config)
+        validate(config)
+        loop.check_data(config)  # the dataset's checks before networks are built or weights loaded
         trainer = Trainer(config)
-        loop.check_data(config)
     except (ValueError, OSError) as e:  # OSError: a missing dataset directory or config file
         fail(e)
     logging.debug("config (shown with --verbosity=1):\n%s", config)

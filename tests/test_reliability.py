@@ -102,7 +102,9 @@ def _restore_all(trainer, workdir, parts=("params", "ema_params")):
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_a_diverging_run_stops_with_one_line_and_finite_checkpoints(policy, fake_config, trainer, tmp_path, run_main,
                                                                    last_error_line):
-    """A learning rate of 1e30: step 1 throws the parameters to ~1e30, every later loss is NaN."""
+    """A learning rate of 1e30: step 1 throws the parameters to ~1e30, every later loss is NaN. Step 1's checkpoint
+    holds those parameters: it is moved to suspect_checkpoints/ once step 2 shows the divergence, and no state with
+    skipped updates is saved."""
     workdir = tmp_path / "run"
     proc = run_main(["--config=experiments/configs/tiny.py", f"--workdir={workdir}", *_data_flags(fake_config),
                      "--config.optim.learning_rate=1e30", "--config.optim.grad_clip_norm=0",
@@ -113,14 +115,12 @@ def test_a_diverging_run_stops_with_one_line_and_finite_checkpoints(policy, fake
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     if policy == "stop":
         assert line.startswith("error: the loss or gradient was not finite at step 2 (training.on_nonfinite=stop); "
-                               "stopped at step 2, the last checkpoint (step 1) is intact"), line
+                               "stopped at step 2, no good checkpoint is on disk"), line
     else:
         assert line.startswith("error: 3 updates in a row were skipped"), line
-        assert "the last at step 4" in line and "the last checkpoint (step 3) is intact" in line
-    saved = _restore_all(trainer, str(workdir))
-    assert sorted(saved) == ([1] if policy == "stop" else [1, 2, 3])
-    for state in saved.values():
-        assert np.all(np.isfinite(flat(state)))
+        assert "the last at step 4" in line and "no good checkpoint is on disk" in line
+    assert os.listdir(workdir / "checkpoints") == []
+    assert [d.split("_")[1] for d in os.listdir(workdir / "suspect_checkpoints")] == ["1"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -417,6 +417,31 @@ def test_a_partial_checkpoint_is_ignored_and_reported(trainer, fake_config, run_
         state = loop.train(trainer, workdir, stop_at=3)
     assert int(state.step) == 3
     assert any("ignoring 1 partial checkpoint(s)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.trains("a good run resumed with a learning rate of 1e30, through the command line")
+def test_a_good_run_that_diverges_keeps_its_last_good_checkpoint_and_fails(trainer, fake_config, run_to_3, tmp_path,
+                                                                          run_main, last_error_line):
+    """Resumed from step 3 with a learning rate of 1e30 and keep_checkpoints=1: step 4's update throws the
+    parameters to ~1e30 (finite, so it is saved), every later loss is NaN. Step 4's checkpoint is set aside once step
+    5 shows the divergence, no later state is saved, step 3 is never rotated out, and the run ends in one line with
+    exit status 2 (it used to exit 0 with only the diverged checkpoints left)."""
+    workdir = _copy_run(run_to_3, tmp_path)
+    before = _restore_all(trainer, workdir)[3]
+    proc = run_main(["--config=experiments/configs/tiny.py", f"--workdir={workdir}", *_data_flags(fake_config),
+                     "--config.optim.learning_rate=1e30", "--config.training.num_steps=7",
+                     "--config.training.checkpoint_every=1", "--config.training.keep_checkpoints=1",
+                     "--config.training.max_consecutive_skips=0"])
+    line = last_error_line(proc)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert line == ("error: the run ended at step 7 with its last 3 update(s) skipped (non-finite or spiking loss): "
+                    "the run diverged and its state was not saved; the last good checkpoint (step 3) is intact; "
+                    "lower optim.learning_rate"), line
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+    assert [d.split("_")[1] for d in os.listdir(os.path.join(workdir, "suspect_checkpoints"))] == ["4"]
+    kept = _restore_all(trainer, workdir)[3]  # loads, and is the good run's
+    for part in ("params", "ema_params"):
+        np.testing.assert_array_equal(flat(kept[part]), flat(before[part]))
 
 
 def test_rotation_never_deletes_the_last_good_checkpoint_for_an_unfinished_one(trainer, fake_config, tmp_path,

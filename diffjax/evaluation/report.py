@@ -1,5 +1,5 @@
 """Reports of a text-to-image evaluation's guidance sweep: the accuracy–distance frontier as a Markdown table
-and, with matplotlib, a plot; also several runs' frontiers in one plot (``benchmarks/frontiers.py``)."""
+and, with matplotlib, a plot; also several runs' frontiers in one plot (``benchmarks/studies/frontiers.py``)."""
 
 from __future__ import annotations
 
