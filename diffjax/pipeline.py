@@ -166,6 +166,8 @@ class Text2Image:
         unused)."""
         from diffjax.config import sampling_defaults  # the experiment schema imports the input pipeline (tfds, grain)
 
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise NotADirectoryError(f"{os.path.abspath(workdir)} is a file, not a training run's workdir")
         ckpt_dir = os.path.join(workdir, "checkpoints")
         ckpt = checkpoints.Checkpointer.existing(ckpt_dir)
         if ckpt is None:

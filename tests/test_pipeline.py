@@ -178,6 +178,9 @@ def test_bad_input_one_line(pipe, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in") as e:
         Text2Image.from_checkpoint(str(tmp_path))
     assert "\n" not in str(e.value)
+    (tmp_path / "a_file").write_text("not a run")  # it used to say "no checkpoint ... train first"
+    with pytest.raises(NotADirectoryError, match=f"^{tmp_path / 'a_file'} is a file, not a training run's workdir$"):
+        Text2Image.from_checkpoint(str(tmp_path / "a_file"))
 
 
 def test_from_checkpoint_restores_the_ema_pipeline(trainer, tmp_path, run_main):
