@@ -239,8 +239,9 @@ class Text2Image:
     @classmethod
     def from_diffusers(cls, path_or_hub_id: str, mesh=None, dtype=None, **hub_kwargs) -> "Text2Image":
         """A Stable Diffusion pipeline (1.x / 2.x: U-Net, KL autoencoder, CLIP text encoder, scheduler) from a
-        diffusers folder or Hugging Face Hub id, its weights converted (``diffjax.diffusers_format``; safetensors read with
-        numpy, no torch), on ``mesh`` (default: all devices), in ``dtype`` (default float32; see :meth:`to_dtype`).
+        diffusers folder or Hugging Face Hub id, its weights converted (``diffjax.diffusers_format``; safetensors read
+        with numpy, no torch), on ``mesh`` (default: all devices), in ``dtype`` (default float32; see
+        :meth:`to_dtype`).
         ``save_pretrained`` then writes a diffjax model folder::
 
             pipe = Text2Image.from_diffusers("stable-diffusion-v1-5/stable-diffusion-v1-5")   # downloads once

@@ -21,10 +21,21 @@ def fail(e: BaseException) -> None:
 
 
 def _sampling_kwargs() -> dict:
+    """The sampling flags given, as Text2Image keywords, checked before any model loads (one line otherwise)."""
+    import math
+
     from diffjax.config import SAMPLING_KEYWORDS, sampling_defaults
+    from diffjax.samplers import get_sampler
 
     try:  # the flags of config.sampling's keys, those given
         kw = sampling_defaults({k: getattr(FLAGS, k) for k in SAMPLING_KEYWORDS}, FLAGS.alignment_guidance_scale, "--")
+        if FLAGS.sampler is not None:
+            get_sampler(FLAGS.sampler)
+        if FLAGS.num_steps is not None and FLAGS.num_steps < 1:
+            raise ValueError(f"--num_steps must be a positive integer, got {FLAGS.num_steps}")
+        if FLAGS.guidance_scale is not None and not (math.isfinite(FLAGS.guidance_scale) and FLAGS.guidance_scale >= 0):
+            raise ValueError(f"--guidance_scale must be a finite number >= 0 (1: no guidance), got "
+                             f"{FLAGS.guidance_scale}")
     except ValueError as e:
         fail(e)
     return dict(kw, negative_prompt=FLAGS.negative_prompt) if FLAGS.negative_prompt is not None else kw
@@ -71,7 +82,8 @@ def _load_pipeline():
         if check_sigma_rel(FLAGS.ema_sigma_rel, "--ema_sigma_rel") is not None and FLAGS.model:
             raise ValueError("--ema_sigma_rel needs a training run's snapshots (--workdir), not --model")
         pipe = Text2Image.load(FLAGS.model, FLAGS.workdir, step=FLAGS.step, use_ema=bool(ec.use_ema) if ec else True,
-                               ema_sigma_rel=FLAGS.ema_sigma_rel, dtype=FLAGS.dtype, alignment_clip=FLAGS.alignment_clip)
+                               ema_sigma_rel=FLAGS.ema_sigma_rel, dtype=FLAGS.dtype,
+                               alignment_clip=FLAGS.alignment_clip)
         if FLAGS.alignment_guidance_scale is not None:  # bad input fails here, before anything is compiled
             pipe.check_alignment_guidance(check_alignment_scale(FLAGS.alignment_guidance_scale,
                                                                 "--alignment_guidance_scale"))
@@ -92,8 +104,8 @@ def evaluate_text2image() -> None:
         scales = evaluation.check_guidance_scales(FLAGS.guidance_scales, "--guidance_scales")
     except ValueError as e:
         fail(e)
-    pipe = _load_pipeline()
     sampling = _sampling_kwargs()
+    pipe = _load_pipeline()
     try:
         result = evaluation.write_text2image_evaluation(
             pipe, (pipe.config or FLAGS.config).data, ec, FLAGS.workdir, tag=FLAGS.eval_tag, seed=FLAGS.seed,
@@ -122,9 +134,9 @@ def sample() -> None:
                          f"--num_images must be >= 1, got {FLAGS.num_images}"))
     out = FLAGS.out or os.path.join(FLAGS.workdir, "generated")
     _check_writable(out, "--out")  # before sampling, not after it
+    kw = dict(seed=FLAGS.seed, progress=True, **_sampling_kwargs())  # checked before the model loads
     pipe = _load_pipeline()
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
-    kw = dict(seed=FLAGS.seed, progress=True, **_sampling_kwargs())
     try:
         if FLAGS.mask and not FLAGS.init_image:
             raise ValueError("--mask needs --init_image (the image whose unmasked pixels are kept)")

@@ -183,6 +183,19 @@ def test_bad_input_one_line(pipe, tmp_path):
         Text2Image.from_checkpoint(str(tmp_path / "a_file"))
 
 
+def test_sampling_flags_are_checked_before_the_model_loads(tmp_path, run_main, last_error_line):
+    """A bad sampler, step count, guidance scale or interval is named at once (it used to be named only after the
+    model had loaded): here the model folder does not even exist, and the flag's error comes first."""
+    base = ["--mode=sample", f"--model={tmp_path}/no_model", "--prompt=a bag", f"--out={tmp_path}/out"]
+    for flag, message in [("--sampler=dpm", "error: unknown sampler 'dpm'"),
+                          ("--num_steps=0", "error: --num_steps must be a positive integer, got 0"),
+                          ("--guidance_scale=-1", "error: --guidance_scale must be a finite number >= 0"),
+                          ("--guidance_interval=3,1", "error: --guidance_interval must satisfy 0 <= sigma_lo < sigma_hi")]:
+        proc = run_main([*base, flag])
+        assert proc.returncode == 2 and last_error_line(proc).startswith(message), (flag, proc.stderr[-500:])
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_from_checkpoint_restores_the_ema_pipeline(trainer, tmp_path, run_main):
     """A checkpoint written by training rebuilds the same pipeline (config, networks, EMA parameters) alone."""
     from diffjax.checkpoints import Checkpointer
