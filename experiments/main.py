@@ -58,6 +58,8 @@ flags.DEFINE_string("eval_tag", "", "eval: write into eval/step_N_TAG/ rather th
                     "evaluations of the same step).")
 flags.DEFINE_string("init_image", None, "sample: image-to-image from this image file (SDEdit).")
 flags.DEFINE_float("strength", 0.75, "sample: image-to-image strength in [0, 1].")
+flags.DEFINE_bool("resize", False, "sample: resize (and convert) --init_image / --mask to the model's image size "
+                  "instead of refusing one of another size, or a colour image for a grey model.")
 flags.DEFINE_string("mask", None, "sample: inpainting mask file (white = generate, black = keep init_image).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "sample/eval/export/convert: the parameters' and "
                   "the networks' compute dtype (Text2Image.to_dtype; default: as trained or saved).")

@@ -140,12 +140,13 @@ def sample() -> None:
     try:
         if FLAGS.mask and not FLAGS.init_image:
             raise ValueError("--mask needs --init_image (the image whose unmasked pixels are kept)")
+        (h, w, c), resize = pipe.image_shape, FLAGS.resize
         if FLAGS.init_image and FLAGS.mask:
-            images = pipe.inpaint(prompts, read_image(FLAGS.init_image, pipe.image_shape[-1]),
-                                  read_image(FLAGS.mask, 1), **kw)
+            images = pipe.inpaint(prompts, read_image(FLAGS.init_image, c, (h, w), resize, "--init_image"),
+                                  read_image(FLAGS.mask, 1, (h, w), resize, "--mask", mask=True), **kw)
         elif FLAGS.init_image:
-            images = pipe.img2img(prompts, read_image(FLAGS.init_image, pipe.image_shape[-1]), strength=FLAGS.strength,
-                                  **kw)
+            images = pipe.img2img(prompts, read_image(FLAGS.init_image, c, (h, w), resize, "--init_image"),
+                                  strength=FLAGS.strength, **kw)
         else:
             images = pipe.generate(prompts, **kw)
     except (ValueError, OSError) as e:

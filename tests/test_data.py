@@ -488,3 +488,30 @@ def test_load_image_converts_palette_16_bit_and_rgb_instead_of_reading_raw_value
     rgb[..., 1] = 200
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     np.testing.assert_array_equal(np.asarray(images.load_image(str(tmp_path / "rgb.png"), 1)), 117)
+
+
+def test_read_image_refuses_another_size_or_colour_for_a_grey_model_unless_resized(tmp_path):
+    """The model's size is checked (the command line's --init_image / --mask); --resize resizes and converts: bicubic
+    for images, nearest for masks (a mask stays binary), colour to luma for a grey model."""
+    grey = np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 200
+    Image.fromarray(rgb).save(tmp_path / "green.png")
+    path = str(tmp_path / "grey.png")
+    np.testing.assert_array_equal(images.read_image(path, 1, (16, 16)), grey)  # the model's size: as it is
+    with pytest.raises(ValueError, match=r"^--init_image .*grey.png is an image of 16x16; the model's images are 8x8, "
+                                         r"grey \(--resize resizes and converts it\)$"):
+        images.read_image(path, 1, (8, 8), what="--init_image")
+    with pytest.raises(ValueError, match=r"green.png is a colour image of 8x8"):
+        images.read_image(str(tmp_path / "green.png"), 1, (8, 8))
+    np.testing.assert_array_equal(images.read_image(str(tmp_path / "green.png"), 3, (8, 8)), rgb)  # colour model
+    resized = images.read_image(path, 1, (8, 8), resize=True)
+    expected = Image.fromarray(grey).convert("RGB").resize((8, 8), Image.Resampling.BICUBIC).convert("L")
+    np.testing.assert_array_equal(resized, np.asarray(expected))
+    np.testing.assert_array_equal(images.read_image(str(tmp_path / "green.png"), 1, (8, 8), resize=True), 117)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    small = images.read_image(str(tmp_path / "mask.png"), 1, (8, 8), resize=True, mask=True)
+    assert set(np.unique(small)) == {0, 255} and (small[:, 4:] == 255).all() and (small[:, :4] == 0).all()

@@ -354,14 +354,20 @@ def test_sample_command_bad_input_one_line_and_nothing_written(exported, tmp_pat
     from PIL import Image
 
     Image.fromarray(np.zeros((9, 9), np.uint8)).save(tmp_path / "nine.png")
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 0] = 255
+    Image.fromarray(colour).save(tmp_path / "red.png")  # the model's size, but colour for a grey model
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "file").write_text("x")
     model, out = f"--model={exported / 'model'}", tmp_path / "out"
     cases = [
-        (["--num_steps=0"], "error: num_steps must be a positive integer, got 0"),
-        (["--guidance_scale=-1"], "error: guidance_scale must be a finite number >= 0"),
+        (["--num_steps=0"], "error: --num_steps must be a positive integer, got 0"),
+        (["--guidance_scale=-1"], "error: --guidance_scale must be a finite number >= 0"),
         (["--sampler=dpm"], "error: unknown sampler 'dpm'"),
-        ([f"--init_image={tmp_path / 'nine.png'}"], "error: image has shape (9, 9)"),
+        ([f"--init_image={tmp_path / 'nine.png'}"], f"error: --init_image {tmp_path / 'nine.png'} is an image of 9x9; "
+                                                     f"the model's images are 8x8, grey (--resize resizes"),
+        ([f"--init_image={tmp_path / 'red.png'}"], f"error: --init_image {tmp_path / 'red.png'} is a colour image of "
+                                                    f"8x8; the model's images are 8x8, grey"),
         ([f"--init_image={tmp_path / 'text.png'}"], "error: cannot identify image file"),
         ([f"--init_image={tmp_path / 'none.png'}"], "error: image file not found"),
         ([f"--mask={tmp_path / 'nine.png'}"], "error: --mask needs --init_image"),

@@ -27,12 +27,30 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def read_image(path: str, channels: int) -> np.ndarray:
+def read_image(path: str, channels: int, size: tuple[int, int] | None = None, resize: bool = False,
+               what: str = "image", mask: bool = False) -> np.ndarray:
     """uint8 (H, W) or (H, W, 3) pixels of any image file (:func:`load_image`: palette, 16-bit, alpha and RGB for a
-    grey model converted, not read as raw indices or one channel); FileNotFoundError naming a missing ``path``."""
+    grey model converted, not read as raw indices or one channel); FileNotFoundError naming a missing ``path``.
+
+    With ``size`` (H, W), the model's: an image of another size, or a colour image for a grey model
+    (``channels=1``), is a one-line ValueError naming ``what``, unless ``resize``: then it is resized (bicubic;
+    nearest for a ``mask``, whose colour does not matter) and converted."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    return np.asarray(load_image(path, channels))
+    if size is None:
+        return np.asarray(load_image(path, channels))
+    rgb = load_image(path, 3)
+    pixels = np.asarray(rgb)
+    colour = not mask and channels == 1 and bool(np.any(pixels != pixels[..., :1]))
+    h, w = pixels.shape[:2]
+    if ((h, w) != tuple(size) or colour) and not resize:
+        kind = "a colour image" if colour else "an image"
+        raise ValueError(f"{what} {path} is {kind} of {h}x{w}; the model's images are {size[0]}x{size[1]}"
+                         + (", grey" if channels == 1 else "") + " (--resize resizes and converts it)")
+    if (h, w) != tuple(size):
+        resample = Image.Resampling.NEAREST if mask else Image.Resampling.BICUBIC
+        rgb = rgb.resize((size[1], size[0]), resample)
+    return np.asarray(rgb.convert("L") if channels == 1 else rgb)
 
 
 def load_image(path: str, channels: int, size: int | None = None) -> Image.Image:
