@@ -173,17 +173,25 @@ class Text2Image:
         if ckpt is None:
             raise FileNotFoundError(f"no checkpoint in {os.path.abspath(ckpt_dir)} (train first with "
                                     f"--mode=train --workdir={workdir})")
-        step = ckpt.latest_step() if step is None else int(step)
-        if step not in ckpt.steps():
+        if step is not None and int(step) not in ckpt.steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt.directory}; steps: {ckpt.steps()}")
-        config = ml_collections.ConfigDict(ckpt.restore_config(step))
-        models, _ = build.models_from_config(config, with_params=False)
         mesh = sharding.create_mesh(1) if mesh is None else mesh
-        trained, frozen = checkpoints.split_trained(_with_shardings(models.abstract_params(), mesh),
-                                                    models.text_encoder.trainable)
-        # With ema_sigma_rel only the frozen parts come from the checkpoint; the trained ones are built post hoc.
-        params = checkpoints.read_model_params(ckpt, step, None if ema_sigma_rel is not None else trained, frozen,
-                                               use_ema)
+        # The newest readable step (a damaged newest one is named in a warning), or the step asked for.
+        for candidate in ([int(step)] if step is not None else sorted(ckpt.steps(), reverse=True)):
+            try:
+                config, models, params, trained = _read_checkpoint(ckpt, candidate, mesh, use_ema,
+                                                                   ema_sigma_rel is not None)
+                step = candidate
+                break
+            except Exception as e:  # orbax and tensorstore raise many types for damaged files
+                where = checkpoints.damage(e, os.path.join(ckpt.directory, str(candidate)))
+                if where is None:
+                    raise
+                if step is not None:
+                    raise ValueError(f"checkpoint step {candidate} cannot be read: {where}") from None
+                logging.warning("checkpoint step %d cannot be read (%s); using the previous one", candidate, where)
+        else:
+            raise ValueError(f"no checkpoint in {ckpt.directory} can be read (steps {ckpt.steps()} are damaged)")
         ckpt.close()
         if ema_sigma_rel is not None:
             built, residual = posthoc_ema.reconstruct(workdir, step, ema_sigma_rel, trained, config.ema)
@@ -528,3 +536,14 @@ def _with_shardings(abstract: Any, mesh) -> Any:
     """``jax.ShapeDtypeStruct`` leaves laid out over ``mesh`` by the FSDP rule (replicated when the mesh has no
     fsdp axis of size > 1): where loaded parameters go."""
     return abstract_with_shardings(abstract, sharding.state_shardings(mesh, abstract))
+
+
+def _read_checkpoint(ckpt, step: int, mesh, use_ema: bool, posthoc: bool):
+    """(config, models, model parameters, the trained parameters' abstract tree) of a training checkpoint; with
+    ``posthoc`` only the frozen parameters are read (the trained ones are built from the EMA snapshots)."""
+    config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    models, _ = build.models_from_config(config, with_params=False)
+    trained, frozen = checkpoints.split_trained(_with_shardings(models.abstract_params(), mesh),
+                                                models.text_encoder.trainable)
+    return config, models, checkpoints.read_model_params(ckpt, step, None if posthoc else trained, frozen, use_ema), \
+        trained

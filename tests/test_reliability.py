@@ -356,6 +356,30 @@ def test_a_damaged_newest_checkpoint_is_named_then_set_aside(how, trainer, fake_
     assert 2 in [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
 
 
+@pytest.mark.parametrize("how", ["truncate", "empty"])
+def test_sampling_from_a_damaged_newest_checkpoint_falls_back_with_one_warning(how, trainer, run_to_3, tmp_path,
+                                                                               caplog):
+    """Text2Image.from_checkpoint (--mode=sample/eval/export) of a workdir whose newest checkpoint is damaged: the
+    previous step's parameters, with one warning naming the damaged step and file (it used to raise orbax's
+    errors); with that step asked for, one ValueError line naming the damage. Nothing on disk changes."""
+    from diffjax.pipeline import Text2Image
+
+    workdir = _copy_run(run_to_3, tmp_path)
+    _damage(os.path.join(workdir, "checkpoints", "3"), how)
+    with caplog.at_level("WARNING"):
+        pipe = Text2Image.from_checkpoint(workdir)
+    assert pipe.step == 2
+    warned = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("checkpoint step 3 cannot be read (") \
+        and "using the previous one" in warned[0], warned
+    good = _restore_all(trainer, str(run_to_3))[2]["ema_params"]["unet"]
+    np.testing.assert_array_equal(flat(pipe.denoiser_params), flat(good))
+    with pytest.raises(ValueError, match=r"^checkpoint step 3 cannot be read: .*checkpoints/3") as e:
+        Text2Image.from_checkpoint(workdir, step=3)
+    assert "\n" not in str(e.value)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+
+
 def test_no_fresh_start_over_unreadable_or_mismatched_checkpoints(trainer, fake_config, run_to_3, tmp_path):
     """The only checkpoint damaged: RunError and nothing moved, also on the next attempt (an automatic restart
     must not begin again at step 0). A checkpoint whose files are whole but whose state does not fit the run
