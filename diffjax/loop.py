@@ -116,12 +116,17 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def check_guard(guard: dict, step: int, policy: str, max_consecutive: int, last_checkpoint: Optional[int],
+def fetch_guard(guard: dict) -> dict:
+    """``TrainState.guard`` on the host, as Python numbers (one transfer): the skipped-update counters and the
+    running loss statistics."""
+    return {k: v.item() for k, v in jax.device_get(guard).items()}
+
+
+def check_guard(g: dict, step: int, policy: str, max_consecutive: int, last_checkpoint: Optional[int],
                 seen: dict) -> dict:
-    """On the host, with counters fetched anyway: RunError when the run must stop (a non-finite update with
-    ``policy="stop"``, or ``max_consecutive`` skipped updates in a row); a warning for new skipped updates. Returns
-    the counters (``consecutive``: the updates skipped in a row up to now)."""
-    g = {k: v.item() for k, v in jax.device_get(guard).items()}
+    """On the host, with the counters fetched anyway (:func:`fetch_guard`): RunError when the run must stop (a
+    non-finite update with ``policy="stop"``, or ``max_consecutive`` skipped updates in a row); a warning for new
+    skipped updates. Returns the counters (``consecutive``: the updates skipped in a row up to now)."""
     kept = (f"the last checkpoint (step {last_checkpoint}) is intact" if last_checkpoint
             else "no good checkpoint is on disk")
     if policy == "stop" and g["nonfinite"] > 0:
@@ -299,21 +304,21 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
 
     pending = []  # the newest checkpoint's step until a later update confirms it (settle)
 
-    def settle(step):
+    def settle(step, g):
         """The newest checkpoint is confirmed once a later check shows the update after it was not the first of the
         skipped run now going on; if it was, its parameters are those of a diverging update (finite, useless):
         it is moved to WORKDIR/suspect_checkpoints, and the one before it is again the newest."""
         if not pending or step <= pending[0]:
             return
-        g = {k: int(v) for k, v in jax.device_get(state.guard).items()}
         if g["consecutive"] and g["last_skipped"] - g["consecutive"] + 1 == pending[0] + 1:
             checkpoints.move_aside(ckpt, {pending[0]: f"the update after it, step {pending[0] + 1}, diverged"},
                                    os.path.join(workdir, "suspect_checkpoints"), "suspect")
         pending.clear()
 
     def check(step):
-        settle(step)
-        return check_guard(state.guard, step, tc.on_nonfinite, tc.max_consecutive_skips, ckpt.latest_step(), seen)
+        g = fetch_guard(state.guard)
+        settle(step, g)  # before check_guard, whose message names the newest checkpoint
+        return check_guard(g, step, tc.on_nonfinite, tc.max_consecutive_skips, ckpt.latest_step(), seen)
 
     def log_metrics(step):
         check(step)
@@ -366,12 +371,13 @@ def _run(trainer, workdir, info, ckpt, writer, stop_request, stop_at, snaps=None
             # A state whose latest updates were skipped (a non-finite or spiking loss) is suspect: after a diverging
             # update its parameters are finite but useless, and saving it would rotate good checkpoints out
             # (training.keep_checkpoints). It is not saved; the newest good checkpoint stays the one to resume from.
-            skipped = check(step)["consecutive"] if checkpoint.due(step) or stop else 0
+            saving = checkpoint.due(step) or stop
+            skipped = check(step)["consecutive"] if saving else 0
             suspect = skipped > 0
             if suspect:
                 logging.warning("not saving step %d: its latest updates were skipped; the newest good checkpoint "
                                 "(step %s) stays", step, ckpt.latest_step())
-            elif checkpoint.due(step) or stop:
+            elif saving:
                 try:  # also raises the error of the previous asynchronous save, if it failed
                     ckpt.save(step, state, train_it.get_state(), cfg, force=bool(stop))
                 except Exception as e:

@@ -362,10 +362,7 @@ class Text2Image:
 
     def _num_steps(self, num_steps) -> int:
         """``num_steps`` (default: the pipeline's) as a positive int; a one-line ValueError otherwise."""
-        n = self.defaults["num_steps"] if num_steps is None else num_steps
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-        return int(n)
+        return check_num_steps(self.defaults["num_steps"] if num_steps is None else num_steps)
 
     def _output_shape(self, height, width) -> tuple[int, int, int]:
         h0, w0, c = self.image_shape
@@ -430,10 +427,8 @@ class Text2Image:
         its values checked; one line naming the problem otherwise."""
         sampler = call.sampler or self.defaults["sampler"]
         num_steps = self._num_steps(call.num_steps)
-        scale = float(self.defaults["guidance_scale"] if call.guidance_scale is None else call.guidance_scale)
-        if not math.isfinite(scale) or scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got "
-                             f"{call.guidance_scale!r}")
+        scale = check_guidance_scale(self.defaults["guidance_scale"] if call.guidance_scale is None
+                                     else call.guidance_scale)
         schedule = guidance.check_guidance_schedule(self.defaults["guidance_schedule"] if call.guidance_schedule is None
                                                     else call.guidance_schedule)
         interval = check_guidance_interval(self.defaults["guidance_interval"] if call.guidance_interval is DEFAULT
@@ -519,6 +514,25 @@ class _Call:
     guidance_interval: Any  # DEFAULT: the pipeline's; None: guidance at every noise level
     alignment_guidance_scale: Optional[float]
     sampler_options: dict
+
+
+def check_num_steps(num_steps, what: str = "num_steps") -> int:
+    """``num_steps`` as a positive int; a one-line ValueError naming ``what`` otherwise."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"{what} must be a positive integer, got {num_steps!r}")
+    return int(num_steps)
+
+
+def check_guidance_scale(scale, what: str = "guidance_scale") -> float:
+    """The classifier-free guidance scale as a finite float >= 0 (1: no guidance); a one-line ValueError naming
+    ``what`` otherwise."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0 (1: no guidance), got {scale!r}")
+    return value
 
 
 def check_alignment_scale(scale, what: str = "alignment_guidance_scale") -> float:

@@ -22,20 +22,18 @@ def fail(e: BaseException) -> None:
 
 def _sampling_kwargs() -> dict:
     """The sampling flags given, as Text2Image keywords, checked before any model loads (one line otherwise)."""
-    import math
-
     from diffjax.config import SAMPLING_KEYWORDS, sampling_defaults
+    from diffjax.pipeline import check_guidance_scale, check_num_steps
     from diffjax.samplers import get_sampler
 
-    try:  # the flags of config.sampling's keys, those given
+    try:  # the flags of config.sampling's keys, those given, with the pipeline's own checks
         kw = sampling_defaults({k: getattr(FLAGS, k) for k in SAMPLING_KEYWORDS}, FLAGS.alignment_guidance_scale, "--")
         if FLAGS.sampler is not None:
             get_sampler(FLAGS.sampler)
-        if FLAGS.num_steps is not None and FLAGS.num_steps < 1:
-            raise ValueError(f"--num_steps must be a positive integer, got {FLAGS.num_steps}")
-        if FLAGS.guidance_scale is not None and not (math.isfinite(FLAGS.guidance_scale) and FLAGS.guidance_scale >= 0):
-            raise ValueError(f"--guidance_scale must be a finite number >= 0 (1: no guidance), got "
-                             f"{FLAGS.guidance_scale}")
+        if FLAGS.num_steps is not None:
+            check_num_steps(FLAGS.num_steps, "--num_steps")
+        if FLAGS.guidance_scale is not None:
+            check_guidance_scale(FLAGS.guidance_scale, "--guidance_scale")
     except ValueError as e:
         fail(e)
     return dict(kw, negative_prompt=FLAGS.negative_prompt) if FLAGS.negative_prompt is not None else kw
