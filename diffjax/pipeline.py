@@ -526,23 +526,21 @@ def check_num_steps(num_steps, what: str = "num_steps") -> int:
 def check_guidance_scale(scale, what: str = "guidance_scale") -> float:
     """The classifier-free guidance scale as a finite float >= 0 (1: no guidance); a one-line ValueError naming
     ``what`` otherwise."""
-    try:
-        value = float(scale)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0 (1: no guidance), got {scale!r}")
-    return value
+    return _finite_nonnegative(scale, what, "1: no guidance")
 
 
 def check_alignment_scale(scale, what: str = "alignment_guidance_scale") -> float:
     """``scale`` as a finite float >= 0 (0: no alignment guidance); a one-line ValueError naming ``what`` otherwise."""
+    return _finite_nonnegative(scale, what, "0: off")
+
+
+def _finite_nonnegative(scale, what: str, meaning: str) -> float:
     try:
         value = float(scale)
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0 (0: off), got {scale!r}")
+        raise ValueError(f"{what} must be a finite number >= 0 ({meaning}), got {scale!r}")
     return value
 
 
